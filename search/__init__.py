@@ -1,0 +1,1 @@
+"""search: placeholder package; filled by its issue."""

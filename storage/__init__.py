@@ -1,0 +1,1 @@
+"""storage: placeholder package; filled by its issue."""

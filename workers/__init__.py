@@ -1,0 +1,1 @@
+"""workers: model and data loading, calibration, evaluation (perplexity, KL), checkpoint conversion."""

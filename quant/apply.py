@@ -61,6 +61,17 @@ def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: linear_shape(m) for name, m in quantizable_modules(model).items()}
 
 
+def validate_plan(model: nn.Module, plan: Plan) -> PlanCost:
+    """Check that `plan` fits `model` (names, group sizes) before any work is done; returns its cost."""
+    resolve_plan(model, plan)
+    return plan.cost(layer_shapes(model))
+
+
+def needs_calibration(model: nn.Module, plan: Plan) -> bool:
+    """True when some layer of `model` gets a static or equalized activation scheme under `plan`."""
+    return any(s.scheme.act.needs_calibration for s in resolve_plan(model, plan).values() if s.scheme.quantized)
+
+
 def resolve_plan(model: nn.Module, plan: Plan) -> dict[str, LayerSpec]:
     """The spec of every quantizable layer; a plan key that matches no layer is an error (a typo)."""
     modules = quantizable_modules(model)
@@ -87,8 +98,8 @@ def apply_plan(
     layer uses a8-static, a8-lae or a8-smooth. `quantize_activations=False` keeps the equalization but
     simulates activations in float (isolates the equalization transform).
     """
+    report = ApplyReport(cost=validate_plan(model, plan))
     specs = {n: s for n, s in resolve_plan(model, plan).items() if s.scheme.quantized}
-    report = ApplyReport(cost=plan.cost(layer_shapes(model)))
     need_stats = [n for n, s in specs.items() if s.scheme.act.needs_calibration]
     stats = CalibrationStats({}, {})
     if need_stats:

@@ -52,7 +52,10 @@ class WeightScheme:
                 f"unknown weight scheme {text!r}; expected w<bits>[g<group>][a], e.g. w4g128, w8, w4g64a, w16"
             )
         group = int(m["group"]) if m["group"] else PER_CHANNEL
-        return cls(int(m["bits"]), group, bool(m["asym"]))
+        try:
+            return cls(int(m["bits"]), group, bool(m["asym"]))
+        except SchemeError as e:
+            raise SchemeError(f"unknown weight scheme {text!r}: {e}") from None
 
     @property
     def quantized(self) -> bool:

@@ -1,0 +1,156 @@
+"""The `quantplan` command line: eval, demo, convert-llama2c (heavy imports happen inside commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from quant.errors import QuantPlanError
+from service.console import print_error, print_json, setup_logging, stderr, stdout, table
+
+app = typer.Typer(
+    name="quantplan",
+    help="Find, materialize and evaluate mixed-precision quantization plans for language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEMO_SCHEMES = ("w4g128:a16", "w8:a8-static", "w4g128:a8-static", "w4g128:a8-dynamic", "w4g128:a8-lae")
+EVAL_COLUMNS = ("plan", "avg_bits", "bytes", "perplexity", "kl")
+EVAL_FORMATS = {"avg_bits": ".3f", "bytes": ",d", "perplexity": ".3f", "kl": ".4f"}
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hugging Face id or local model directory.")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="wikitext2 | wikitext2:<dir> | text:<file>[,<file>...]")]
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    setup_logging(verbose, quiet)
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOpt,
+    data: DataOpt,
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help="Plan JSON to simulate (adds kl, avg_bits, bytes).")
+    ] = None,
+    calib_data: Annotated[
+        str | None, typer.Option("--calib-data", help="Calibration data spec (default: --data, train split).")
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=2, help="Window length (default: model max, <=2048).")
+    ] = None,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate at most N windows.")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="Calibration windows.")] = 32,
+    calib_seq_len: Annotated[
+        int | None, typer.Option("--calib-seq-len", min=2, help="Calibration window length (default: min(L, 512)).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
+    seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Perplexity of a model on a data set, and with --plan the KL and size of the quantized model."""
+    from quant.apply import needs_calibration, validate_plan
+    from quant.plan import Plan
+    from workers.data import DataSpec, calibration_set, eval_windows
+    from workers.evaluate import evaluate
+    from workers.models import load_model
+    from workers.pipeline import evaluate_plan
+
+    the_plan = Plan.load(plan) if plan is not None else None
+    spec, calib_spec = DataSpec.parse(data), DataSpec.parse(calib_data or data)
+    net, tokenizer = load_model(model, dtype=dtype)
+    if the_plan is not None:
+        validate_plan(net, the_plan)
+    seq_len = seq_len or min(2048, int(getattr(net.config, "max_position_embeddings", 2048)))
+    windows = eval_windows(spec, tokenizer, seq_len=seq_len, max_windows=samples, split="test")
+    base = evaluate(net, windows, batch_size=batch_size, progress=True)
+    out: dict[str, Any] = {"model": model, "data": str(spec), "seq_len": seq_len, "windows": int(windows.shape[0])}
+    out |= base.to_dict()
+    if the_plan is not None:
+        calib = None
+        if needs_calibration(net, the_plan):
+            calib_len = calib_seq_len or min(seq_len, 512)
+            calib = calibration_set(calib_spec, tokenizer, samples=calib_samples, seq_len=calib_len, seed=seed).tokens
+        result = evaluate_plan(net, the_plan, windows, calib, base_result=base, batch_size=batch_size, progress=True)
+        out |= {k: v for k, v in result.to_dict().items() if k not in ("tokens",)}
+    if json_out:
+        print_json(out)
+        return
+    row = {"plan": out.get("plan", "unquantized"), **out}
+    stdout.print(
+        table(f"{model} on {spec} ({out['tokens']:,} tokens, seq_len {seq_len})", EVAL_COLUMNS, [row], EVAL_FORMATS)
+    )
+
+
+@app.command("demo")
+def demo_command(
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps for the demo model.")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain even if a cached model exists.")] = False,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2)] = 128,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate at most N windows.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Build (once, cached) a small Llama model offline and print perplexity under standard schemes."""
+    from quant.plan import Plan
+    from workers.data import calibration_set, eval_windows
+    from workers.demo import DEFAULT_STEPS, build_demo_model
+    from workers.evaluate import evaluate
+    from workers.models import load_model
+    from workers.pipeline import evaluate_plan
+
+    demo = build_demo_model(steps=steps or DEFAULT_STEPS, force=rebuild, progress=True)
+    net, tokenizer = load_model(str(demo.path))
+    windows = eval_windows(demo.data_spec, tokenizer, seq_len=seq_len, max_windows=samples)
+    calib = calibration_set(demo.calib_spec, tokenizer, samples=32, seq_len=seq_len)
+    base = evaluate(net, windows, progress=True)
+    rows: list[dict[str, Any]] = [{"plan": "FP32", "avg_bits": 32.0, "perplexity": base.perplexity, "kl": 0.0}]
+    for scheme in DEMO_SCHEMES:
+        result = evaluate_plan(net, Plan.uniform(scheme), windows, calib.tokens, base_result=base, progress=True)
+        rows.append(result.to_dict())
+    if json_out:
+        print_json({"model": str(demo.path), "data": demo.data_spec, "tokens": base.tokens, "rows": rows})
+        return
+    stdout.print(
+        table(f"demo model: perplexity on held-out text ({base.tokens:,} tokens)", EVAL_COLUMNS, rows, EVAL_FORMATS)
+    )
+
+
+@app.command("convert-llama2c")
+def convert_llama2c_command(
+    checkpoint: Annotated[Path, typer.Argument(help="llama2.c checkpoint, e.g. stories260K.bin")],
+    tokenizer: Annotated[Path, typer.Argument(help="llama2.c tokenizer, e.g. tok512.bin")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output Hugging Face model directory.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Convert a llama2.c checkpoint and tokenizer to a Hugging Face Llama directory."""
+    from workers.llama2c import convert_llama2c
+
+    path = convert_llama2c(checkpoint, tokenizer, out, overwrite=overwrite)
+    if json_out:
+        print_json({"out": str(path)})
+    else:
+        stderr.print(f"converted {checkpoint} -> {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: user errors print one line and exit 1, without a traceback."""
+    try:
+        app(args=argv, prog_name="quantplan")
+    except QuantPlanError as e:
+        print_error(str(e))
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Terminal output for the command line: logging to stderr, rich tables, JSON on stdout, error lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+OUR_LOGGERS = ("quant", "workers", "search", "storage", "service")
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Our packages log at INFO (DEBUG with --verbose, WARNING with --quiet) to stderr; libraries at WARNING."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=stderr, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    for noisy in ("transformers", "datasets", "huggingface_hub", "filelock", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout (nothing else goes to stdout in --json mode)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]], formats: Mapping[str, str]) -> Table:
+    """A rich table; `formats` maps a column to a format spec (e.g. '.3f')."""
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="left" if c in ("scheme", "plan", "model", "data") else "right")
+    for row in rows:
+        t.add_row(*(_fmt(row.get(c), formats.get(c, "")) for c in columns))
+    return t
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)

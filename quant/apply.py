@@ -138,7 +138,7 @@ def collect_input_stats(
     """Per-channel max|X| of each named layer's input over `tokens`; the feeding norm of every layer."""
     modules = dict(model.named_modules())
     absmax: dict[str, torch.Tensor] = {}
-    with _trace_feeders(model, list(quantizable_modules(model))) as feeders:
+    with trace_feeders(model, list(quantizable_modules(model))) as feeders:
         hooks = [modules[n].register_forward_pre_hook(_absmax_hook(n, absmax)) for n in names]
         try:
             device = next(model.parameters()).device
@@ -172,7 +172,7 @@ def _is_foldable_norm(module: nn.Module) -> bool:
 
 
 @contextmanager
-def _trace_feeders(model: nn.Module, names: list[str]) -> Iterator[dict[str, str]]:
+def trace_feeders(model: nn.Module, names: list[str]) -> Iterator[dict[str, str]]:
     """Map layer -> norm whose output tensor is exactly the layer's input (seen on the first call)."""
     modules = dict(model.named_modules())
     norms = {n: m for n, m in modules.items() if _is_foldable_norm(m)}

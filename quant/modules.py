@@ -18,9 +18,14 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
 
 
+def linear_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of `module` (its weight, gradient, Fisher) in nn.Linear layout [N, K]."""
+    return t.t() if Conv1D is not None and isinstance(module, Conv1D) else t
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight of an nn.Linear or a GPT-2 Conv1D in nn.Linear layout [N, K]."""
-    return module.weight.t() if Conv1D is not None and isinstance(module, Conv1D) else module.weight
+    return linear_layout(module, module.weight)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

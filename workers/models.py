@@ -11,6 +11,7 @@ reports and cache keys.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["DTYPES", "load_model", "model_identity", "resolve_dtype"]
+__all__ = ["DTYPES", "load_model", "model_fingerprint", "model_identity", "resolve_dtype"]
 
 #: Accepted `dtype` names (and their aliases) for `load_model`.
 DTYPES: dict[str, str] = {
@@ -228,3 +229,18 @@ def model_identity(spec: str, model: PreTrainedModel | None = None) -> dict[str,
         "parameters": int(parameters),
         "dtype": str(config_dtype).removeprefix("torch.") if config_dtype is not None else None,
     }
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the config and every parameter/buffer (name, dtype, shape, bytes): equal iff same weights."""
+    import torch
+
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(config.to_json_string(use_diff=False).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,18 +1,25 @@
-"""Evaluate a model under a plan: copy the base, apply the plan, measure perplexity and KL in lockstep."""
+"""Pipelines over workers: evaluate a model under a plan; get or compute (and cache) a sensitivity table."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import platformdirs
 import torch
 from torch import nn
 
 from quant.apply import apply_plan
 from quant.plan import Plan
+from workers.data import CalibrationSet
 from workers.evaluate import EvalResult, evaluate
+from workers.models import model_fingerprint
+from workers.sensitivity import CLIP_GRID, WEIGHT_SCHEMES
+from workers.table import SensitivityTable, table_key
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +74,42 @@ def evaluate_plan(
         bytes=report.cost.bytes,
         base_perplexity=base_result.perplexity,
     )
+
+
+def sensitivity_cache_dir() -> Path:
+    """Where computed tables are kept for reuse: $QUANTPLAN_CACHE_DIR/sensitivity or the user cache dir."""
+    root = os.environ.get("QUANTPLAN_CACHE_DIR") or platformdirs.user_cache_dir("quantplan")
+    return Path(root) / "sensitivity"
+
+
+def sensitivity_table(
+    model: nn.Module,
+    calibration: CalibrationSet,
+    *,
+    model_name: str = "",
+    workers: int = 1,
+    micro_batch: int = 1,
+    address: str | None = None,
+    cache: bool = True,
+    progress: bool = False,
+) -> tuple[SensitivityTable, bool]:
+    """The table for (model weights, calibration spec, estimator): from the cache when present, else computed
+    on Ray and cached. Returns (table, cached)."""
+    from workers.tasks import compute_sensitivity  # Ray is imported only when a table must be computed
+
+    fingerprint = model_fingerprint(model)
+    estimator = {"micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES], "clip_grid": CLIP_GRID}
+    key = table_key(fingerprint, calibration.spec_dict(), estimator)
+    path = sensitivity_cache_dir() / f"{key}.safetensors"
+    if cache and path.is_file():
+        log.info("reusing cached sensitivity table %s", path)
+        return SensitivityTable.load(path), True
+    log.info("computing sensitivity table %s on %d worker(s)", key, workers)
+    table = compute_sensitivity(
+        model, calibration.tokens, workers=workers, micro_batch=micro_batch, address=address, progress=progress,
+        key=key, model_info={"name": model_name, "fingerprint": fingerprint}, calibration=calibration.spec_dict(),
+        estimator=estimator,
+    )
+    if cache:
+        table.save(path)
+    return table, False

@@ -1,0 +1,201 @@
+"""Ray tasks: the sensitivity pass distributed over calibration shards (the only module that says ray.remote).
+
+Three data-parallel stages, each a set of tasks returning partial results that the driver reduces:
+activation statistics (forward), Fisher sums and activation costs (forward + backward), then weight costs
+per chunk of layers from the reduced Fisher. Shards are whole micro-batches, so any number of workers sums the
+same micro-batch terms (only the float summation order differs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import reduce
+from typing import Any, TypeVar
+
+import ray
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from quant.apply import quantizable_modules
+from quant.errors import QuantPlanError
+from quant.modules import linear_layout
+from workers.sensitivity import (
+    ActStats,
+    FisherSums,
+    WeightCost,
+    build_table,
+    collect_act_stats,
+    fisher_sums,
+    layer_act_params,
+    weight_costs,
+)
+from workers.table import SensitivityTable
+
+log = logging.getLogger(__name__)
+
+RAY_ADDRESS_ENV = "QUANTPLAN_RAY_ADDRESS"
+MAX_RETRIES = 2  # a task runs at most 3 times before the computation fails with its error
+T = TypeVar("T")
+
+
+class RayError(QuantPlanError):
+    """Ray could not be reached, or a task failed after its retries."""
+
+
+def ray_address(address: str | None = None) -> str | None:
+    """--ray-address, else QUANTPLAN_RAY_ADDRESS, else None (a local Ray instance)."""
+    return address or os.environ.get(RAY_ADDRESS_ENV) or None
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at `address`, or start a local Ray sized to this machine; reuse a live one."""
+    if ray.is_initialized():
+        return
+    address = ray_address(address)
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+    if not address or address == "local":
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+    try:
+        ray.init(address=None if address == "local" else address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RayError(f"cannot start or join Ray at {address or 'a local instance'}: {e}") from None
+    log.info("ray: %s with %s CPUs", address or "local instance", ray.cluster_resources().get("CPU"))
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an address nobody listens on (Ray itself would retry for a minute)."""
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379 or ray://head:10001)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RayError(
+            f"cannot reach the Ray cluster at {address}: {e.strerror or e}; start it (`ray start --head`) or "
+            "leave out --ray-address to use a local Ray instance"
+        ) from None
+
+
+def _threads(workers: int) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+
+
+# -- remote functions (each sets its torch threads to the CPUs Ray gave it) -----------------------------------
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
+def _stats_task(model: nn.Module, tokens: torch.Tensor, threads: int) -> ActStats:
+    torch.set_num_threads(threads)
+    return collect_act_stats(model.float(), tokens)
+
+
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
+def _fisher_task(model: nn.Module, tokens: torch.Tensor, params: dict, micro_batch: int, threads: int) -> FisherSums:
+    torch.set_num_threads(threads)
+    return fisher_sums(model.float(), tokens, params, micro_batch=micro_batch)
+
+
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
+def _weight_task(items: list[tuple[str, torch.Tensor, torch.Tensor]], threads: int) -> dict[str, dict]:
+    torch.set_num_threads(threads)
+    return {name: weight_costs(w, f) for name, w, f in items}
+
+
+# -- driver ---------------------------------------------------------------------------------------------------
+def compute_sensitivity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    workers: int = 1,
+    micro_batch: int = 1,
+    address: str | None = None,
+    progress: bool = False,
+    **meta: Any,
+) -> SensitivityTable:
+    """The SensitivityTable of `model` on calibration `tokens` [samples, seq_len], on `workers` Ray workers.
+
+    `meta` (key, model_info, calibration, estimator) is stored in the table as given.
+    """
+    if not quantizable_modules(model):
+        raise QuantPlanError("the model has no quantizable layer (nn.Linear or Conv1D besides the output head)")
+    init_ray(address)
+    threads = _threads(workers)
+    opts = {"num_cpus": threads}
+    shards = _shards(tokens, micro_batch, 2 * workers)
+    model_ref = ray.put(model.eval())
+    with _progress(progress) as track:
+        stats = _reduce(track("activation statistics", [
+            _stats_task.options(**opts).remote(model_ref, s, threads) for s in shards]), ActStats.merge)
+        params = layer_act_params(model, stats)
+        sums = _reduce(track("Fisher pass", [
+            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, threads) for s in shards]),
+            FisherSums.merge)
+        chunks = _layer_chunks(model, sums, 2 * workers)
+        costs: dict[str, dict[str, WeightCost]] = {}
+        for part in track("weight costs", [_weight_task.options(**opts).remote(c, threads) for c in chunks]):
+            costs |= part
+    model_info = meta.pop("model_info", {})
+    return build_table(model, stats, sums, costs, model=model_info, **meta)
+
+
+def _shards(tokens: torch.Tensor, micro_batch: int, n: int) -> list[torch.Tensor]:
+    """Split into at most n shards of whole micro-batches."""
+    batches = -(-tokens.shape[0] // micro_batch)
+    per = -(-batches // min(n, batches)) * micro_batch
+    return list(tokens.split(per))
+
+
+def _layer_chunks(model: nn.Module, sums: FisherSums, n: int) -> list[list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Layers with their weight and Fisher estimate, dealt into n chunks of similar size."""
+    chunks: list[list] = [[] for _ in range(n)]
+    sizes = [0] * n
+    modules = quantizable_modules(model)
+    for name in sorted(modules, key=lambda x: -modules[x].weight.numel()):
+        i = sizes.index(min(sizes))
+        w = linear_layout(modules[name], modules[name].weight).detach().float()
+        chunks[i].append((name, w, sums.fisher[name] / max(sums.batches, 1)))
+        sizes[i] += w.numel()
+    return [c for c in chunks if c]
+
+
+def _reduce(parts: Sequence[T], merge: Callable[[T, T], T]) -> T:
+    return reduce(merge, parts)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, list], list]]:
+    """Yields track(stage, refs) -> results, which waits for the tasks as they finish and advances a bar."""
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   disable=not enabled, transient=False)
+
+    def track(stage: str, refs: list) -> list:
+        task = bar.add_task(stage, total=len(refs))
+        order, pending, done = {r: i for i, r in enumerate(refs)}, list(refs), {}
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done[order[ready[0]]] = _get(ready[0], stage)
+            bar.advance(task)
+        return [done[i] for i in range(len(refs))]
+
+    with bar:
+        yield track
+
+
+def _get(ref: ray.ObjectRef, stage: str) -> Any:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        raise RayError(f"{stage} task failed after {MAX_RETRIES + 1} attempts: {_cause(e)}") from None
+    except ray.exceptions.RayError as e:
+        raise RayError(f"{stage} task failed after {MAX_RETRIES + 1} attempts ({type(e).__name__}): {e}") from None
+
+
+def _cause(e: ray.exceptions.RayTaskError) -> str:
+    cause = getattr(e, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[-1]

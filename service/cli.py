@@ -1,4 +1,4 @@
-"""The `quantplan` command line: eval, demo, convert-llama2c (heavy imports happen inside commands)."""
+"""The `quantplan` command line: eval, sensitivity, demo, convert-llama2c (heavy imports inside commands)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from quant.errors import QuantPlanError
-from service.console import print_error, print_json, setup_logging, stderr, stdout, table
+from service.console import print_error, print_json, setup_logging, stderr, stdout
+from service.console import table as table_view
 
 app = typer.Typer(
     name="quantplan",
@@ -88,7 +89,83 @@ def eval_command(
         return
     row = {"plan": out.get("plan", "unquantized"), **out}
     stdout.print(
-        table(f"{model} on {spec} ({out['tokens']:,} tokens, seq_len {seq_len})", EVAL_COLUMNS, [row], EVAL_FORMATS)
+        table_view(
+            f"{model} on {spec} ({out['tokens']:,} tokens, seq_len {seq_len})", EVAL_COLUMNS, [row], EVAL_FORMATS
+        )
+    )
+
+
+@app.command("sensitivity")
+def sensitivity_command(
+    model: ModelOpt,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the table (.safetensors).")],
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration windows.")] = 128,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=2, help="Window length (default: min(512, max)).")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel Ray workers.")] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Ray cluster address (env QUANTPLAN_RAY_ADDRESS); default local."),
+    ] = None,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Sequences per Fisher micro-batch.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if a cached table exists.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
+    json_out: JsonOpt = False,
+) -> None:
+    """Fisher sensitivities of every layer to every weight and activation scheme, on Ray workers (cached)."""
+    from workers.data import DataSpec, calibration_set
+    from workers.models import load_model
+    from workers.pipeline import sensitivity_table
+
+    spec = DataSpec.parse(data)
+    net, tokenizer = load_model(model, dtype=dtype)
+    seq_len = seq_len or min(512, int(getattr(net.config, "max_position_embeddings", 512)))
+    calib = calibration_set(spec, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    table, cached = sensitivity_table(
+        net,
+        calib,
+        model_name=model,
+        workers=workers,
+        micro_batch=micro_batch,
+        address=ray_address,
+        cache=not no_cache,
+        progress=True,
+    )
+    path = table.save(out)
+    if json_out:
+        print_json(
+            {
+                "key": table.key,
+                "out": str(path),
+                "cached": cached,
+                "estimator": dict(table.estimator),
+                "layers": table.summary(),
+            }
+        )
+        return
+    rows = [
+        {
+            "layer": l.name,
+            "params": l.params,
+            "w4g128": l.weight_cost.get("w4g128"),
+            "w8": l.weight_cost["w8"],
+            "a8-static": l.act_cost["a8-static"],
+            "a8-dynamic": l.act_cost["a8-dynamic"],
+            "act_absmax": l.act_absmax,
+        }
+        for l in table.layers
+    ]
+    fmt = {c: ".2e" for c in ("w4g128", "w8", "a8-static", "a8-dynamic")} | {"act_absmax": ".1f", "params": ",d"}
+    stdout.print(
+        table_view(
+            f"predicted loss increase (nats/token), {'cached' if cached else 'computed'}: {path}",
+            ["layer", "params", "w4g128", "w8", "a8-static", "a8-dynamic", "act_absmax"],
+            rows,
+            fmt,
+        )
     )
 
 
@@ -121,7 +198,9 @@ def demo_command(
         print_json({"model": str(demo.path), "data": demo.data_spec, "tokens": base.tokens, "rows": rows})
         return
     stdout.print(
-        table(f"demo model: perplexity on held-out text ({base.tokens:,} tokens)", EVAL_COLUMNS, rows, EVAL_FORMATS)
+        table_view(
+            f"demo model: perplexity on held-out text ({base.tokens:,} tokens)", EVAL_COLUMNS, rows, EVAL_FORMATS
+        )
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ OUR_LOGGERS = ("quant", "workers", "search", "storage", "service")
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Our packages log at INFO (DEBUG with --verbose, WARNING with --quiet) to stderr; libraries at WARNING."""
+    # Our own rich progress bars say what is happening; the hub's tqdm bars would interleave with them.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = RichHandler(console=stderr, show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
@@ -43,7 +46,7 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]],
     """A rich table; `formats` maps a column to a format spec (e.g. '.3f')."""
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c, justify="left" if c in ("scheme", "plan", "model", "data") else "right")
+        t.add_column(c, justify="left" if c in ("scheme", "plan", "model", "data", "layer") else "right")
     for row in rows:
         t.add_row(*(_fmt(row.get(c), formats.get(c, "")) for c in columns))
     return t

@@ -36,3 +36,15 @@ def stories_hf(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> P
 
     out = tmp_path_factory.mktemp("stories260K") / "hf"
     return convert_llama2c(stories_dir / "stories260K.bin", stories_dir / "tok512.bin", out)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (2 CPUs) for the whole session; shut down at the end."""
+    import ray
+
+    from workers.tasks import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,171 @@
+"""Sensitivity maths: Fisher estimator, weight/activation costs, statistics, and that the proxy predicts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quant.apply import apply_plan, quantizable_modules
+from quant.modules import linear_weight
+from quant.plan import Plan
+from quant.quantizers import fake_quantize_weight
+from quant.schemes import ActScheme, WeightScheme
+from workers.data import calibration_set, eval_windows
+from workers.evaluate import evaluate
+from workers.models import load_model
+from workers.sensitivity import (
+    ACT_SCHEMES,
+    HIST_EDGES,
+    act_quant_error,
+    block_costs,
+    collect_act_stats,
+    fisher_sums,
+    layer_act_params,
+    percentile_from_hist,
+    spearman,
+    weight_costs,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(2, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+
+
+def test_fisher_is_mean_of_token_scaled_squared_microbatch_gradients(tiny, tokens) -> None:
+    stats = collect_act_stats(tiny, tokens)
+    params = layer_act_params(tiny, stats)
+    sums = fisher_sums(copy.deepcopy(tiny), tokens, params, micro_batch=2)
+    assert sums.batches == 2 and sums.tokens == 4 * 11
+    name = "model.layers.1.mlp.down_proj"
+    expected = torch.zeros_like(linear_weight(dict(tiny.named_modules())[name]))
+    for batch in tokens.split(2):
+        model = copy.deepcopy(tiny)
+        model(input_ids=batch, labels=batch).loss.backward()
+        expected += batch[:, 1:].numel() * dict(model.named_modules())[name].weight.grad ** 2
+    torch.testing.assert_close(sums.fisher[name], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_activation_cost_matches_manual_hook_computation(tiny, tokens) -> None:
+    stats = collect_act_stats(tiny, tokens)
+    params = layer_act_params(tiny, stats)
+    sums = fisher_sums(copy.deepcopy(tiny), tokens, params, micro_batch=4)
+    name = "model.layers.0.self_attn.o_proj"
+    model = copy.deepcopy(tiny)
+    m2 = dict(model.named_modules())[name]
+    cache = {}
+
+    def keep_output(_m, _a, out):
+        out.retain_grad()
+        cache["y"] = out
+
+    m2.register_forward_pre_hook(lambda _m, a: cache.__setitem__("x", a[0]))
+    m2.register_forward_hook(keep_output)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    # dL/dx through this layer only: y = x W^T, so dL/dx = dL/dy W
+    gx = cache["y"].grad @ m2.weight
+    t_b = tokens[:, 1:].numel()
+    for i, a in enumerate(ACT_SCHEMES):
+        err = act_quant_error(cache["x"].detach(), a, params[name])
+        manual = 0.5 * t_b * (gx.pow(2) * err.pow(2)).sum()
+        assert float(sums.act_cost[name][i]) == pytest.approx(float(manual), rel=1e-4)
+
+
+def test_weight_costs_pick_the_best_clip_and_blocks_sum_to_cost() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.distributions.StudentT(2.5).sample((16, 128))
+    f = torch.rand(16, 128, generator=gen)
+    costs = weight_costs(w, f, (WeightScheme.parse("w3g64"), WeightScheme.parse("w8"), WeightScheme.parse("w4g32a")))
+    for name, c in costs.items():
+        scheme = WeightScheme.parse(name)
+        manual = 0.5 * (f * (w - fake_quantize_weight(w, scheme, c.clip)) ** 2).sum()
+        assert c.cost == pytest.approx(float(manual), rel=1e-5)
+        assert float(c.blocks.float().sum()) == pytest.approx(c.cost, rel=1e-2)  # fp16 block scores
+        assert c.blocks.shape == (16, 128 // scheme.group_size(128))
+        assert c.cost <= float(block_costs(w, f, scheme, 1.0).double().sum()) * (1 + 1e-6)  # clipping never hurts
+    assert costs["w3g64"].clip < 1.0 and costs["w8"].clip == 1.0
+    assert costs["w8"].cost < costs["w4g32a"].cost < costs["w3g64"].cost
+
+
+def test_schemes_with_group_larger_than_k_are_left_out() -> None:
+    costs = weight_costs(torch.randn(4, 64), torch.ones(4, 64))
+    assert "w4g128" not in costs and "w4g64" in costs and "w4" in costs
+
+
+def test_percentile_from_histogram() -> None:
+    from workers.sensitivity import ActStats, _observe
+
+    x = torch.randn(2000, 32).abs() * 3
+    stats = ActStats()
+    _observe(stats, "l", x[:1000])
+    _observe(stats, "l", x[1000:])
+    assert float(stats.channel_absmax["l"].max()) == pytest.approx(float(x.max()))
+    for q in (99.0, 99.9):
+        exact = float(torch.quantile(x.flatten(), q / 100))
+        approx = percentile_from_hist(stats.hist["l"], q)
+        step = float(HIST_EDGES[1] / HIST_EDGES[0])
+        assert exact <= approx * 1.0001 and approx <= exact * step * 1.0001
+
+
+def test_spearman() -> None:
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def stories_proxy(stories_hf, stories_dir):
+    """Sensitivities of stories260K (in process) and held-out windows to measure against."""
+    torch.manual_seed(0)
+    model, tok = load_model(str(stories_hf))
+    data = f"text:{stories_dir / 'sampled_seed1.txt'}"
+    calib = calibration_set(data, tok, samples=16, seq_len=128, seed=0)
+    held_out = eval_windows(data, tok, seq_len=128)[-24:]
+    stats = collect_act_stats(model, calib.tokens)
+    params = layer_act_params(model, stats)
+    sums = fisher_sums(copy.deepcopy(model), calib.tokens, params, micro_batch=1)
+    return model, calib.tokens, held_out, sums
+
+
+def _measured_kl(model, plan, calib, held_out) -> float:
+    quantized = copy.deepcopy(model)
+    apply_plan(quantized, plan, calib)
+    return evaluate(quantized, held_out, reference=model, batch_size=24).kl
+
+
+def test_weight_proxy_ranks_single_layer_changes(stories_proxy) -> None:
+    """Acceptance: Spearman(predicted, measured) >= 0.8 over layers x weight schemes (a sample here)."""
+    model, calib, held_out, sums = stories_proxy
+    layers = list(quantizable_modules(model).items())[::4]  # 9 of 35 layers, every kind and depth
+    predicted, measured = [], []
+    for name, module in layers:
+        costs = weight_costs(linear_weight(module), sums.fisher[name] / sums.batches,
+                             tuple(WeightScheme.parse(s) for s in ("w2g32", "w3g64", "w4g32", "w4", "w8")))
+        for scheme, c in costs.items():
+            predicted.append(c.cost)
+            measured.append(_measured_kl(model, Plan.from_layers({name: {"scheme": scheme, "clip": c.clip}}),
+                                         calib, held_out))
+    assert spearman(predicted, measured) >= 0.8
+
+
+def test_activation_proxy_ranks_single_layer_changes(stories_proxy) -> None:
+    """Acceptance: Spearman(predicted, measured) >= 0.7 over layers x activation schemes (a sample here)."""
+    model, calib, held_out, sums = stories_proxy
+    predicted, measured = [], []
+    for name in list(quantizable_modules(model))[1::5]:
+        for i, act in enumerate(ACT_SCHEMES):
+            predicted.append(float(sums.act_cost[name][i]) / sums.batches)
+            measured.append(_measured_kl(model, Plan.from_layers({name: f"w16:{act.value}"}), calib, held_out))
+    assert spearman(predicted, measured) >= 0.7
+    assert ActScheme.DYNAMIC in ACT_SCHEMES

@@ -57,8 +57,9 @@ def _check_group(scheme: WeightScheme, k: int) -> int:
     return g
 
 
-def quantize_weight(w: torch.Tensor, scheme: WeightScheme, clip: float = 1.0) -> QuantizedWeight:
-    """Round-to-nearest quantization of W [N, K]; `clip` shrinks each group's range to clip * range."""
+def quantize_weight(w: torch.Tensor, scheme: WeightScheme, clip: float | torch.Tensor = 1.0) -> QuantizedWeight:
+    """Round-to-nearest quantization of W [N, K]; `clip` (a float, or [N, 1] per row) shrinks each group's range
+    to clip * range."""
     if not scheme.quantized:
         raise SchemeError("w16 is unquantized: there is nothing to quantize")
     n, k = w.shape
@@ -100,7 +101,7 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     return (q * qw.scales.to(dtype)[..., None]).reshape(n, -1)[:, : qw.in_features]
 
 
-def fake_quantize_weight(w: torch.Tensor, scheme: WeightScheme, clip: float = 1.0) -> torch.Tensor:
+def fake_quantize_weight(w: torch.Tensor, scheme: WeightScheme, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Quantize then dequantize W, in W's dtype: the float simulation of the stored weight."""
     if not scheme.quantized:
         return w

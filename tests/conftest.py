@@ -6,11 +6,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny models gain nothing from intra-op threads, and on 2 cores shared with Ray workers the OpenMP spinning
+# of a second thread makes small ops 10-20x slower; one thread keeps the suite fast and deterministic.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QUANTPLAN_SHARED_DATA", REPO.parent / "shared" / "data"))

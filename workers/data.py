@@ -481,6 +481,11 @@ def calibration_set(
             f"{spec} ({effective}) has only {n} tokens, fewer than seq_len={seq_len}: use a shorter "
             "sequence length or more text"
         )
+    if samples * seq_len > n:
+        raise DataError(
+            f"{spec} ({effective}) holds {n} tokens, fewer than the {samples} samples x {seq_len} tokens asked "
+            f"for: use at most {n // seq_len} samples, a shorter sequence length, or more text"
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len + 1, (samples,), generator=generator)
     offsets = starts[:, None] + torch.arange(seq_len)[None, :]

@@ -249,13 +249,30 @@ def weight_costs(
     for scheme in schemes:
         if scheme.group_size(w.shape[1]) > w.shape[1]:
             continue
-        candidates = [(block_costs(w, f, scheme, clip), clip) for clip in _clips(scheme)]
-        blocks, clip = min(candidates, key=lambda c: float(c[0].double().sum()))
-        out[str(scheme)] = WeightCost(float(blocks.double().sum()), clip, blocks.to(torch.float16))
+        clips = _clips(scheme)
+        blocks = torch.cat([_clip_sweep(w[rows], f[rows], scheme, clips) for rows in _row_chunks(w, len(clips))], 1)
+        totals = blocks.double().sum((1, 2))  # [C]
+        best = int(torch.argmin(totals))
+        out[str(scheme)] = WeightCost(float(totals[best]), clips[best], blocks[best].to(torch.float16))
     return out
 
 
-def block_costs(w: torch.Tensor, f: torch.Tensor, scheme: WeightScheme, clip: float = 1.0) -> torch.Tensor:
+def _clip_sweep(w: torch.Tensor, f: torch.Tensor, scheme: WeightScheme, clips: tuple[float, ...]) -> torch.Tensor:
+    """Block costs for every clip ratio at once: [C, rows, G] (rows stacked C times, one clip per copy)."""
+    c = torch.tensor(clips, dtype=w.dtype).repeat_interleave(w.shape[0])[:, None]  # [C * rows, 1]
+    n = len(clips)
+    return block_costs(w.repeat(n, 1), f.repeat(n, 1), scheme, c).reshape(n, w.shape[0], -1)
+
+
+def _row_chunks(w: torch.Tensor, copies: int, max_elements: int = 1 << 24) -> list[slice]:
+    """Row ranges small enough that `copies` stacked copies stay under max_elements."""
+    step = max(1, max_elements // (copies * w.shape[1]))
+    return [slice(i, i + step) for i in range(0, w.shape[0], step)]
+
+
+def block_costs(
+    w: torch.Tensor, f: torch.Tensor, scheme: WeightScheme, clip: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """Per-group 1/2 sum F (W - Q(W))^2, [N, G] (K zero-padded to whole groups, as the quantizer does)."""
     g = scheme.group_size(w.shape[1])
     err = 0.5 * f * (w - fake_quantize_weight(w, scheme, clip)) ** 2  # [N, K]

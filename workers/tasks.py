@@ -54,11 +54,11 @@ def ray_address(address: str | None = None) -> str | None:
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address`, or start a local Ray sized to this machine; reuse a live one."""
-    if ray.is_initialized():
-        return
     address = ray_address(address)
     if address and address not in ("auto", "local"):
         _check_reachable(address)
+    if ray.is_initialized():
+        return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     if not address or address == "local":
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1

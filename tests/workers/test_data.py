@@ -295,9 +295,11 @@ def test_calibration_set(stories_spec: DataSpec, tokenizer) -> None:
     assert torch.equal(again.tokens, cal.tokens)
     other = calibration_set(stories_spec, tokenizer, samples=6, seq_len=12, seed=2)
     assert not torch.equal(other.tokens, cal.tokens)
-    # The full text is a valid single sample.
-    whole = calibration_set(stories_spec, tokenizer, samples=2, seq_len=ids.numel())
-    assert torch.equal(whole.tokens, ids.expand(2, -1))
+    # The full text is a valid single sample; asking for more tokens than the text holds is an error.
+    whole = calibration_set(stories_spec, tokenizer, samples=1, seq_len=ids.numel())
+    assert torch.equal(whole.tokens, ids[None])
+    with pytest.raises(DataError, match="use at most 1 samples"):
+        calibration_set(stories_spec, tokenizer, samples=2, seq_len=ids.numel())
 
 
 def test_calibration_spec_dict(wikitext_dir: Path, stories_spec: DataSpec, tokenizer) -> None:

@@ -1,0 +1,84 @@
+"""The sensitivity pass on Ray: worker-count invariance, retries then a clear error, bad addresses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quant.errors import QuantPlanError
+from workers.data import calibration_set
+from workers.models import load_model
+from workers.tasks import RayError, compute_sensitivity, init_ray
+
+
+def _tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def test_two_workers_give_the_same_table_as_one(ray_local, stories_hf: Path, stories_dir: Path) -> None:
+    model, tok = load_model(str(stories_hf))
+    calib = calibration_set(f"text:{stories_dir / 'sampled_seed1.txt'}", tok, samples=8, seq_len=64, seed=3)
+    one = compute_sensitivity(model, calib.tokens, workers=1, key="k", model_info={}, calibration={}, estimator={})
+    two = compute_sensitivity(model, calib.tokens, workers=2, key="k", model_info={}, calibration={}, estimator={})
+    assert one.estimator["batches"] == two.estimator["batches"] == 8
+    for a, b in zip(one.layers, two.layers, strict=True):
+        assert a.name == b.name and a.feeder == b.feeder and a.act_absmax == b.act_absmax
+        for costs_a, costs_b in ((a.weight_cost, b.weight_cost), (a.act_cost, b.act_cost)):
+            assert costs_a.keys() == costs_b.keys()
+            for k in costs_a:
+                assert costs_b[k] == pytest.approx(costs_a[k], rel=1e-4, abs=1e-12), (a.name, k)
+        assert a.clip == b.clip
+    for name, t in one.tensors.items():
+        torch.testing.assert_close(two.tensors[name].float(), t.float(), rtol=1e-3, atol=1e-8)
+
+
+class CrashingModel(nn.Module):
+    """Kills the worker process on every forward pass, counting attempts in a file."""
+
+    def __init__(self, counter: str) -> None:
+        super().__init__()
+        self.inner = _tiny_llama()
+        self.counter = counter
+
+    def forward(self, **_kwargs: object) -> None:
+        with open(self.counter, "a") as f:
+            f.write("x")
+        os._exit(1)
+
+
+class RaisingModel(CrashingModel):
+    def forward(self, **_kwargs: object) -> None:
+        with open(self.counter, "a") as f:
+            f.write("x")
+        raise RuntimeError("boom in the worker")
+
+
+@pytest.mark.parametrize("model_cls", [RaisingModel, CrashingModel])
+def test_failing_worker_is_retried_then_reported(ray_local, tmp_path: Path, model_cls: type) -> None:
+    counter = tmp_path / "attempts"
+    tokens = torch.randint(0, 64, (1, 8))
+    with pytest.raises(RayError, match="activation statistics task failed after 3 attempts") as info:
+        compute_sensitivity(model_cls(str(counter)), tokens, workers=1, key="k", model_info={}, calibration={},
+                            estimator={})
+    assert counter.read_text() == "xxx"  # one try plus MAX_RETRIES retries
+    if model_cls is RaisingModel:
+        assert "boom in the worker" in str(info.value)
+
+
+def test_unreachable_ray_address_fails_fast() -> None:
+    with pytest.raises(RayError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+        init_ray("127.0.0.1:9")
+    with pytest.raises(RayError, match="not host:port"):
+        init_ray("nonsense")
+
+
+def test_model_without_quantizable_layers() -> None:
+    with pytest.raises(QuantPlanError, match="no quantizable layer"):
+        compute_sensitivity(nn.Sequential(nn.ReLU()), torch.zeros(1, 4, dtype=torch.long))

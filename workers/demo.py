@@ -23,6 +23,7 @@ from pathlib import Path
 
 import platformdirs
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -339,6 +340,7 @@ def _progress_bar(enabled: bool) -> Progress:
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout carries results (--json)
         disable=not enabled,
     )
 

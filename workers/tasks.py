@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import ray
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
@@ -172,7 +173,7 @@ def _reduce(parts: Sequence[T], merge: Callable[[T, T], T]) -> T:
 def _progress(enabled: bool) -> Iterator[Callable[[str, list], list]]:
     """Yields track(stage, refs) -> results, which waits for the tasks as they finish and advances a bar."""
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   disable=not enabled, transient=False)
+                   console=Console(stderr=True), disable=not enabled)  # stdout carries results (--json)
 
     def track(stage: str, refs: list) -> list:
         task = bar.add_task(stage, total=len(refs))

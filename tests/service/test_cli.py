@@ -110,3 +110,20 @@ def test_console_script_prints_no_traceback(tmp_path) -> None:
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error:")
+
+
+def test_demo_prints_the_scheme_table(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QUANTPLAN_CACHE_DIR", str(tmp_path))
+    code, out, _ = run_cli(capsys, "demo", "--steps", "20", "--samples", "4", "--json")
+    assert code == 0
+    result = json.loads(out)
+    plans = [row["plan"] for row in result["rows"]]
+    assert plans == ["FP32", "w4g128:a16", "w8:a8-static", "w4g128:a8-static", "w4g128:a8-dynamic", "w4g128:a8-lae"]
+    fp32 = result["rows"][0]["perplexity"]
+    for row in result["rows"][1:]:
+        assert row["perplexity"] > 0 and row["kl"] >= 0
+        if row["plan"].startswith("w4g128"):
+            assert row["avg_bits"] == 4.125  # every demo layer has K = 128 or 384
+        else:
+            assert 8 + 16 / 384 < row["avg_bits"] < 8 + 16 / 128  # per-channel: one fp16 scale per row
+    assert fp32 < 1024  # trained: far below a uniform guess over the vocabulary

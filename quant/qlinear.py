@@ -12,7 +12,7 @@ from torch import nn
 
 from quant.kernels.dispatch import quantized_linear, select_kernel
 from quant.kernels.runtime import KernelInputError, resolve_backend
-from quant.packing import PackedWeight, centered_codes, pack_weight
+from quant.packing import PackedWeight, pack_weight
 from quant.plan import LayerSpec
 from quant.quantizers import quantize_weight
 from quant.schemes import ActScheme, LayerScheme
@@ -21,9 +21,10 @@ from quant.schemes import ActScheme, LayerScheme
 class QuantLinear(nn.Module):
     """Packed weights (buffers `codes`, `scales`, `zeros`) plus the activation scheme and its scales.
 
-    On the torch backend the first forward keeps the unpacked integer weight (1 byte per weight, 2 for
-    asymmetric w8) so later calls skip unpacking; it is not part of the state dict and is rebuilt when the codes
-    change or move.
+    On the torch backend the first forward keeps the weight unpacked in the layout the torch path multiplies
+    (int8, 1 byte per weight; int16 for asymmetric w8 at a16; nothing for w8a8, whose codes are already int8),
+    so later calls skip unpacking. It is not part of the state dict and is rebuilt when the codes move, are
+    loaded, or (outside inference mode) change in place.
     """
 
     def __init__(
@@ -49,7 +50,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("act_scale", None if act_scale is None else act_scale.detach().float().reshape(1))
         self.register_buffer("inv_pre_scale", inv_pre_scale)
-        self._centered: tuple[tuple[int, torch.device, int], torch.Tensor] | None = None
+        self._prepared: tuple[tuple[int, torch.device, int], torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(QuantLinear._forget_prepared)
 
     @classmethod
     def from_float(
@@ -72,14 +74,21 @@ class QuantLinear(nn.Module):
     def packed(self) -> PackedWeight:
         return PackedWeight(self.codes, self.scales, self.zeros, self.in_features, self.scheme.weight)
 
-    def _centered_codes(self) -> torch.Tensor:
-        key = (self.codes.data_ptr(), self.codes.device, self.codes._version)
-        if self._centered is None or self._centered[0] != key:
-            self._centered = (key, centered_codes(self.packed))
-        return self._centered[1]
+    def _forget_prepared(self, incompatible_keys: object) -> None:
+        self._prepared = None  # load_state_dict copies into the same storage: data_ptr alone would not notice
+
+    def _torch_weight(self) -> torch.Tensor | None:
+        """The kernel's torch-path weight layout, prepared once per codes tensor (None: it needs none)."""
+        if self.kernel.prepare is None:
+            return None
+        version = -1 if self.codes.is_inference() else self.codes._version  # inference tensors keep no counter
+        key = (self.codes.data_ptr(), self.codes.device, version)
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = (key, self.kernel.prepare(self.packed))
+        return self._prepared[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.kernel.unpacks and resolve_backend(x.device, self.backend) == "torch"
+        on_torch = resolve_backend(x.device, self.backend) == "torch"
         return quantized_linear(
             x,
             self.packed,
@@ -88,7 +97,7 @@ class QuantLinear(nn.Module):
             inv_pre_scale=self.inv_pre_scale,
             bias=self.bias,
             backend=self.backend,
-            w_centered=self._centered_codes() if keep else None,
+            prepared=self._torch_weight() if on_torch else None,
         )
 
     def extra_repr(self) -> str:

@@ -35,7 +35,7 @@ CONFIGS = (
     TileConfig(16, None, 256, num_warps=4, num_stages=1),
     TileConfig(16, None, 1024, num_warps=8, num_stages=1),
     TileConfig(32, None, 1024, num_warps=8, num_stages=1),
-    TileConfig(16, None, 4096, num_warps=16, num_stages=1),
+    TileConfig(16, None, 2048, num_warps=8, num_stages=1),
 )
 
 

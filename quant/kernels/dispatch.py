@@ -29,13 +29,13 @@ class Kernel:
     check: Callable[[WeightScheme], None]  # raises UnsupportedSchemeError with the reason
     triton: Callable[..., torch.Tensor]
     torch: Callable[..., torch.Tensor]
-    unpacks: bool = True  # the torch path multiplies unpacked codes (`w_centered` spares it the unpacking)
+    prepare: Callable[[PackedWeight], torch.Tensor] | None = None  # the torch path's weight layout, if it has one
 
 
 KERNELS: tuple[Kernel, ...] = (
-    Kernel("w8a8", True, w8a8.check_supported, w8a8.w8a8_triton, w8a8.w8a8_ref, unpacks=False),
-    Kernel("w4a8", True, w4a8.check_supported, w4a8.w4a8_triton, w4a8.w4a8_ref),
-    Kernel("w4a16", False, w4a16.check_supported, w4a16.w4a16_triton, w4a16.w4a16_ref),
+    Kernel("w8a8", True, w8a8.check_supported, w8a8.w8a8_triton, w8a8.w8a8_ref),
+    Kernel("w4a8", True, w4a8.check_supported, w4a8.w4a8_triton, w4a8.w4a8_ref, w4a8.prepare),
+    Kernel("w4a16", False, w4a16.check_supported, w4a16.w4a16_triton, w4a16.w4a16_ref, w4a16.prepare),
 )
 
 
@@ -84,12 +84,12 @@ def quantized_linear(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     backend: str | None = None,
-    w_centered: torch.Tensor | None = None,
+    prepared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [..., N] = Q_a(x * inv_pre_scale) @ W^T + bias for x [..., K], in `out_dtype` (default: x's dtype).
 
-    `w_centered` (`quant.packing.centered_codes(pw)`, kept by the caller) spares the torch path unpacking the
-    weight on every call; the Triton path reads the packed codes.
+    `prepared` (the kernel's `prepare(pw)`, kept by the caller) spares the torch path unpacking the weight on
+    every call; the Triton path reads the packed codes.
     """
     kernel = select_kernel(LayerScheme(pw.scheme, act))
     chosen = resolve_backend(x.device, backend)
@@ -97,7 +97,7 @@ def quantized_linear(
         raise KernelInputError(f"input of shape {tuple(x.shape)} does not end in in_features={pw.in_features}")
     x2 = x.reshape(-1, pw.in_features)
     out_dtype = out_dtype or x.dtype
-    extra = {"w_centered": w_centered} if chosen == "torch" and w_centered is not None else {}
+    extra = {"prepared": prepared} if chosen == "torch" and prepared is not None else {}
     run = kernel.triton if chosen == "triton" else kernel.torch
     if kernel.int8_activations:
         x_q, x_scale = quantize_activations(x2, act, act_scale, inv_pre_scale, chosen)

@@ -1,19 +1,17 @@
 """Exact integer GEMM pieces for the torch references (the CPU path): int8 products per group or over K, epilogue.
 
-Per-channel products go through `torch._int_mm` on the CPU (one int32 accumulator over K, as the kernels). Group
-products (g <= 128) are computed in float32 with `torch.bmm`: every product and partial sum is an integer below
-2^24 (127 * 128 * 128 < 2^24), so float32 holds it exactly and the result equals the int32 dot bit for bit. That
-beats a loop of `torch._int_mm` calls on the CPU, which pay about 10 ms of weight reordering each (measured,
-torch 2.13), and a group loop would make one call per group.
+Every int8 product goes through `torch._int_mm` on the CPU (one exact int32 accumulator per dot, as the kernels).
+Per group, the weight is kept group-major ([G, N, g], contiguous) so each group's block is a dense matrix, and
+rows go 64 at a time: oneDNN's int8 GEMM with K = g slows down by 10-40x above 64 rows (measured, torch 2.13,
+2 cores), while a loop over 64-row blocks stays below an fp32 GEMM of the same shape.
 """
 
 from __future__ import annotations
 
 import torch
 
-EXACT_F32 = 2**24  # integers below this are exact in float32
 INT8_PRODUCT = 127 * 128  # largest |x * w| with x in [-127, 127] and w in [-128, 127]
-CHUNK_ELEMENTS = 1 << 23  # float32 elements of group products held at once (32 MiB)
+ROWS = 64  # rows per int8 GEMM call in the grouped loop (see the module docstring)
 
 
 def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -21,23 +19,26 @@ def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch._int_mm(x.contiguous(), w.t())
     assert INT8_PRODUCT * x.shape[1] < 2**53
-    return (x.double() @ w.double().t()).to(torch.int32)  # exact: CUDA's _int_mm rejects small or odd shapes
+    return (x.double() @ w.double().t()).to(torch.int32)  # exact; CUDA's _int_mm rejects small or odd shapes
 
 
-def grouped_dot(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """float32 [M, N] = sum_g float(x_g @ w_g^T) * scales[g]: design B's per-group float accumulation.
+def group_major(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K_pad] -> [G, N, g] contiguous: each group's weights as one dense [N, g] block."""
+    n = w.shape[0]
+    return w.reshape(n, -1, group).transpose(0, 1).contiguous()
 
-    x [M, K_pad] int8, w [N, K_pad] int8, scales [G, N] float32, K_pad = G * group.
+
+def grouped_dot(x: torch.Tensor, w_groups: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 [M, N] = sum_g float(x_g @ w_g^T) * scales[g]: design B's per-group float accumulation, in order.
+
+    x [M, G * g] int8, w_groups [G, N, g] int8 (`group_major`), scales [G, N] float32.
     """
-    assert INT8_PRODUCT * group < EXACT_F32, "group products must stay exact in float32"
-    m, n, groups = x.shape[0], w.shape[0], scales.shape[0]
-    xg = x.reshape(m, groups, group).transpose(0, 1)  # [G, M, g]
-    wg = w.reshape(n, groups, group).permute(1, 2, 0)  # [G, g, N]
-    acc = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    step = max(1, CHUNK_ELEMENTS // max(m * n, 1))
-    for g0 in range(0, groups, step):
-        part = torch.bmm(xg[g0 : g0 + step].float(), wg[g0 : g0 + step].float())  # [chunk, M, N] exact integers
-        acc += (part * scales[g0 : g0 + step, None, :]).sum(0)
+    groups, n, g = w_groups.shape
+    acc = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for r in range(0, x.shape[0], ROWS):
+        rows = x[r : r + ROWS]
+        for i in range(groups):
+            acc[r : r + ROWS] += int_matmul(rows[:, i * g : (i + 1) * g], w_groups[i]).float() * scales[i]
     return acc
 
 

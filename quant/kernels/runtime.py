@@ -86,8 +86,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def autotuned(kernel: Any, configs: Sequence[TileConfig], keys: Sequence[str], prune: Pruner) -> Any:
-    """`kernel` under triton.autotune over `configs`, keyed on `keys`, pruned by `prune(configs, kernel_args)`."""
+def autotuned(
+    kernel: Any, configs: Sequence[TileConfig], keys: Sequence[str], prune: Pruner, do_bench: Callable | None = None
+) -> Any:
+    """`kernel` under triton.autotune over `configs`, keyed on `keys`, pruned by `prune(configs, kernel_args)`.
+
+    `do_bench(fn, quantiles)` replaces Triton's timer (the tests time interpreted kernels with it).
+    """
     if not HAS_TRITON:
         return kernel
     pairs = [(c, triton.Config(c.meta(), num_warps=c.num_warps, num_stages=c.num_stages)) for c in configs]
@@ -97,7 +102,10 @@ def autotuned(kernel: Any, configs: Sequence[TileConfig], keys: Sequence[str], p
         return [t for c, t in pairs if c in keep]
 
     return triton.autotune(
-        configs=[t for _, t in pairs], key=list(keys), prune_configs_by={"early_config_prune": early_prune}
+        configs=[t for _, t in pairs],
+        key=list(keys),
+        prune_configs_by={"early_config_prune": early_prune},
+        do_bench=do_bench,
     )(kernel)
 
 
@@ -110,7 +118,8 @@ def require_triton() -> None:
 
 
 @functools.cache
-def _interpreted(kernel: Any) -> Any:
+def interpreted(kernel: Any) -> Any:
+    """`kernel` as an interpreter function, whether or not TRITON_INTERPRET was set when it was defined."""
     from triton.runtime.interpreter import InterpretedFunction
 
     return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
@@ -119,14 +128,15 @@ def _interpreted(kernel: Any) -> Any:
 def launch(
     kernel: Any,
     tuned: Any,
-    grid: Callable[[Mapping[str, int]], tuple[int, ...]],
+    grid: Callable[[Mapping[str, Any]], tuple[int, ...]],
     args: dict[str, Any],
     choose: Callable[[Mapping[str, Any]], list[TileConfig]],
     config: TileConfig | None = None,
 ) -> None:
     """Run `kernel` with keyword `args`: autotuned on CUDA unless `config` is given, interpreted on CPU tensors.
 
-    `choose(args)` lists the configs that fit the problem (the pruner); the interpreter takes the first one.
+    `grid(meta)` reads the tile sizes (and any argument) from `meta`; `choose(args)` lists the configs that fit
+    the problem (the pruner), of which the interpreter takes the first.
     """
     require_triton()
     on_cuda = any(isinstance(v, torch.Tensor) and v.is_cuda for v in args.values())
@@ -135,9 +145,9 @@ def launch(
         return
     if config is None:
         config = choose(args)[0]
-    runner = kernel if on_cuda else _interpreted(kernel)
+    runner = kernel if on_cuda else interpreted(kernel)
     meta = config.meta()
-    runner[grid(meta)](**args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    runner[grid](**args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # -- backends and input checks ----------------------------------------------------------------------------

@@ -125,12 +125,17 @@ def check_inputs(
 
 
 # -- torch reference (also the CPU path) ----------------------------------------------------------------
-def dequantized(pw: PackedWeight, dtype: torch.dtype, w_centered: torch.Tensor | None = None) -> torch.Tensor:
+def prepare(pw: PackedWeight) -> torch.Tensor:
+    """The torch path's weight: (code - zero) as [N, K_pad], int8 (int16 for asymmetric w8)."""
+    return centered_codes(pw)
+
+
+def dequantized(pw: PackedWeight, dtype: torch.dtype, prepared: torch.Tensor | None = None) -> torch.Tensor:
     """W [N, K] = ((q - z) * s) formed in fp32 and rounded to `dtype`, as the kernel (and the simulation) do."""
-    q = (centered_codes(pw) if w_centered is None else w_centered).float()  # [N, K_pad]
+    q = prepare(pw) if prepared is None else prepared  # [N, K_pad] integers
     g = pw.k_pad if pw.per_channel else pw.group_size
-    w = q.view(pw.out_features, -1, g) * pw.scales.float().t()[:, :, None]
-    return w.reshape(pw.out_features, -1)[:, : pw.in_features].to(dtype)
+    w = q.view(pw.out_features, -1, g) * pw.scales.float().t()[:, :, None]  # promotes to fp32 in one pass
+    return w.view(pw.out_features, -1)[:, : pw.in_features].to(dtype)
 
 
 def w4a16_ref(
@@ -139,11 +144,11 @@ def w4a16_ref(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     *,
-    w_centered: torch.Tensor | None = None,
+    prepared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Y [M, N] in `out_dtype`, accumulated in fp32; `w_centered` may pass `centered_codes(pw)` computed once."""
+    """Y [M, N] in `out_dtype`, accumulated in fp32; `prepared` may pass `prepare(pw)` computed once."""
     bias = check_inputs(x, pw, bias, out_dtype)
-    y = x.float() @ dequantized(pw, x.dtype, w_centered).float().t()
+    y = x.float() @ dequantized(pw, x.dtype, prepared).float().t()
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)

@@ -12,13 +12,13 @@ The epilogue multiplies by the activation scale (per token or per tensor) and ad
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from quant.kernels.intmath import epilogue, grouped_dot, int_matmul
+from quant.kernels.intmath import epilogue, group_major, grouped_dot, int_matmul
 from quant.kernels.runtime import (
     GROUP_M,
     TileConfig,
@@ -133,6 +133,12 @@ def check_supported(scheme: WeightScheme) -> None:
 
 
 # -- torch reference (also the CPU path) ----------------------------------------------------------------
+def prepare(pw: PackedWeight) -> torch.Tensor:
+    """The torch path's weight: int8 (code - zero), [N, K_pad] per-channel or group-major [G, N, g]."""
+    w = centered_int8(pw)
+    return w if pw.per_channel else group_major(w, pw.group_size)
+
+
 def w4a8_ref(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -140,19 +146,45 @@ def w4a8_ref(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     *,
-    w_centered: torch.Tensor | None = None,
+    prepared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Y [M, N] in `out_dtype`; `w_centered` may pass `centered_codes(pw)` computed once (the CPU path caches it)."""
+    """Y [M, N] in `out_dtype`; `prepared` may pass `prepare(pw)` computed once (QuantLinear keeps it)."""
     check_supported(pw.scheme)
     x_scale, bias = check_a8_inputs(x_q, x_scale, pw, bias, out_dtype)
-    w = centered_int8(pw) if w_centered is None else w_centered  # [N, K_pad] int8
-    x = F.pad(x_q, (0, pw.k_pad - pw.in_features)).contiguous()  # [M, K_pad]
+    w = prepare(pw) if prepared is None else prepared
+    x = F.pad(x_q, (0, pw.k_pad - pw.in_features))  # [M, K_pad]
     scales = pw.scales.float()  # [G, N]
-    acc = int_matmul(x, w).float() * scales[0] if pw.per_channel else grouped_dot(x, w, scales, pw.group_size)
+    acc = int_matmul(x, w).float() * scales[0] if pw.per_channel else grouped_dot(x, w, scales)
     return epilogue(acc, x_scale, bias, out_dtype)
 
 
 # -- Triton -----------------------------------------------------------------------------------------------
+def kernel_args(
+    x_q: torch.Tensor, x_scale: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None, y: torch.Tensor
+) -> dict[str, Any]:
+    """The kernel's arguments, tile sizes excepted (checked inputs; `y` is the [M, N] output)."""
+    zeros = pw.zeros if pw.zeros is not None else pw.codes  # any tensor: not read when symmetric
+    (m, k), n = x_q.shape, pw.out_features
+    return dict(
+        x_ptr=x_q, xs_ptr=x_scale, w_ptr=pw.codes, s_ptr=pw.scales, z_ptr=zeros, b_ptr=y if bias is None else bias,
+        y_ptr=y, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
+        stride_xm=x_q.stride(0), stride_xk=x_q.stride(1), stride_wn=pw.codes.stride(0), stride_wk=pw.codes.stride(1),
+        stride_sg=pw.scales.stride(0), stride_sn=pw.scales.stride(1), stride_zg=zeros.stride(0),
+        stride_zn=zeros.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+        BITS=pw.bits, GROUP_SIZE=0 if pw.per_channel else pw.group_size, ASYM=pw.scheme.asymmetric,
+        HAS_BIAS=bias is not None, PER_TOKEN=x_scale.numel() > 1, GROUP_M=GROUP_M,
+    )
+
+
+def grid(m: int, n: int) -> Callable[[Mapping[str, Any]], tuple[int, ...]]:
+    """One program per (BLOCK_M, BLOCK_N) tile of the [m, n] output (the interpreter passes M, N as tensors)."""
+
+    def tiles(meta: Mapping[str, Any]) -> tuple[int, ...]:
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
+
+    return tiles
+
+
 def w4a8_triton(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -166,25 +198,11 @@ def w4a8_triton(
     """The same product as `w4a8_ref`, from the Triton kernel (autotuned on CUDA, interpreted on CPU tensors)."""
     check_supported(pw.scheme)
     x_scale, bias = check_a8_inputs(x_q, x_scale, pw, bias, out_dtype)
-    (m, k), n = x_q.shape, pw.out_features
-    y = output(out, (m, n), out_dtype, x_q.device)
-    if m == 0:
+    y = output(out, (x_q.shape[0], pw.out_features), out_dtype, x_q.device)
+    if y.shape[0] == 0:
         return y
-    zeros = pw.zeros if pw.zeros is not None else pw.codes  # any tensor: not read when symmetric
-    args = dict(
-        x_ptr=x_q, xs_ptr=x_scale, w_ptr=pw.codes, s_ptr=pw.scales, z_ptr=zeros, b_ptr=y if bias is None else bias,
-        y_ptr=y, M=m, N=n, K=k, M_BUCKET=m_bucket(m),
-        stride_xm=x_q.stride(0), stride_xk=x_q.stride(1), stride_wn=pw.codes.stride(0), stride_wk=pw.codes.stride(1),
-        stride_sg=pw.scales.stride(0), stride_sn=pw.scales.stride(1), stride_zg=zeros.stride(0),
-        stride_zn=zeros.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
-        BITS=pw.bits, GROUP_SIZE=0 if pw.per_channel else pw.group_size, ASYM=pw.scheme.asymmetric,
-        HAS_BIAS=bias is not None, PER_TOKEN=x_scale.numel() > 1, GROUP_M=GROUP_M,
-    )
-
-    def grid(meta: Mapping[str, int]) -> tuple[int, ...]:
-        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
-
-    launch(_w4a8_kernel, _w4a8_tuned, grid, args, lambda a: prune(CONFIGS, a), config)
+    args = kernel_args(x_q, x_scale, pw, bias, y)
+    launch(_w4a8_kernel, _w4a8_tuned, grid(*y.shape), args, lambda a: prune(CONFIGS, a), config)
     return y
 
 

@@ -113,14 +113,12 @@ def w8a8_ref(
     pw: PackedWeight,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
-    *,
-    w_centered: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Y [M, N] in `out_dtype` through `torch._int_mm` on the CPU (`w_centered`: the int8 codes, if at hand)."""
+    """Y [M, N] in `out_dtype` through `torch._int_mm` on the CPU (the packed codes are the int8 weight)."""
     check_supported(pw.scheme)
     x_scale, bias = check_a8_inputs(x_q, x_scale, pw, bias, out_dtype)
     x = F.pad(x_q, (0, pw.k_pad - pw.in_features))
-    acc = int_matmul(x, int8_weight(pw) if w_centered is None else w_centered).float() * pw.scales[0].float()
+    acc = int_matmul(x, int8_weight(pw)).float() * pw.scales[0].float()
     return epilogue(acc, x_scale, bias, out_dtype)
 
 

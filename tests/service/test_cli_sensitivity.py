@@ -37,7 +37,8 @@ def test_sensitivity_json_and_reuse(capsys, ray_local, cache_dir: Path, tmp_path
     assert code == 0 and second["cached"] is True and second["key"] == first["key"]
     assert second["layers"] == first["layers"]
     assert read_table_info(tmp_path / "b.safetensors").key == first["key"]
-    assert list(cache_dir.glob("sensitivity/*.safetensors")) == [cache_dir / "sensitivity" / f"{first['key']}.safetensors"]
+    cached = cache_dir / "sensitivity" / f"{first['key']}.safetensors"
+    assert list(cache_dir.glob("sensitivity/*.safetensors")) == [cached]
 
 
 @pytest.mark.parametrize(

@@ -125,13 +125,17 @@ def test_spearman() -> None:
 
 
 @pytest.fixture(scope="module")
-def stories_proxy(stories_hf, stories_dir):
-    """Sensitivities of stories260K (in process) and held-out windows to measure against."""
+def stories_proxy(stories_hf, stories_dir, tmp_path_factory):
+    """Sensitivities of stories260K (in process) and held-out windows to measure against: the first 40 of the
+    64 sampled stories calibrate, the last 24 are held out."""
     torch.manual_seed(0)
     model, tok = load_model(str(stories_hf))
-    data = f"text:{stories_dir / 'sampled_seed1.txt'}"
-    calib = calibration_set(data, tok, samples=16, seq_len=128, seed=0)
-    held_out = eval_windows(data, tok, seq_len=128)[-24:]
+    lines = (stories_dir / "sampled_seed1.txt").read_text(encoding="utf-8").splitlines()
+    tmp = tmp_path_factory.mktemp("stories_split")
+    (tmp / "calib.txt").write_text("\n".join(lines[:40]), encoding="utf-8")
+    (tmp / "heldout.txt").write_text("\n".join(lines[40:]), encoding="utf-8")
+    calib = calibration_set(f"text:{tmp / 'calib.txt'}", tok, samples=16, seq_len=128, seed=0)
+    held_out = eval_windows(f"text:{tmp / 'heldout.txt'}", tok, seq_len=128, max_windows=24)
     stats = collect_act_stats(model, calib.tokens)
     params = layer_act_params(model, stats)
     sums = fisher_sums(copy.deepcopy(model), calib.tokens, params, micro_batch=1)

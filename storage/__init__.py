@@ -1,1 +1,60 @@
-"""storage: placeholder package; filled by its issue."""
+"""storage: SQLAlchemy models, Alembic migrations, the repository API and the artifact store (never imports torch).
+
+    from storage import Repository, NewPlan, open_store, load_settings
+    settings = load_settings()                       # QUANTPLAN_DATABASE_URL, QUANTPLAN_ARTIFACTS, config file
+    repo = Repository(settings=settings)             # opens the database and migrates it to the newest schema
+    store = open_store(settings.artifacts)
+
+See docs/STORAGE.md for the schema and the invariants.
+"""
+
+from storage.artifacts import ArtifactStore, FsspecArtifactStore, LocalArtifactStore, StoredArtifact, open_store
+from storage.errors import (
+    ArtifactStoreError,
+    InvalidRecordError,
+    JobStateError,
+    NotFoundError,
+    SettingsError,
+    StorageError,
+)
+from storage.repository import (
+    ArtifactRecord,
+    JobRecord,
+    LeaderboardPage,
+    MetricRecord,
+    ModelRecord,
+    NewPlan,
+    PlanRecord,
+    Repository,
+    RequeueResult,
+    TableRecord,
+    plan_sha256,
+)
+from storage.settings import StorageSettings, load_settings
+
+__all__ = [
+    "ArtifactStoreError",
+    "ArtifactRecord",
+    "ArtifactStore",
+    "FsspecArtifactStore",
+    "InvalidRecordError",
+    "JobRecord",
+    "JobStateError",
+    "LeaderboardPage",
+    "LocalArtifactStore",
+    "MetricRecord",
+    "ModelRecord",
+    "NewPlan",
+    "NotFoundError",
+    "PlanRecord",
+    "Repository",
+    "RequeueResult",
+    "SettingsError",
+    "StorageError",
+    "StorageSettings",
+    "StoredArtifact",
+    "TableRecord",
+    "load_settings",
+    "open_store",
+    "plan_sha256",
+]

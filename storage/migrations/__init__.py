@@ -1,0 +1,1 @@
+"""Alembic migrations of the QuantPlan schema (run them with `storage.migrate`)."""

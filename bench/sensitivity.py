@@ -1,6 +1,6 @@
 """Benchmark the sensitivity pass: cost over a plain forward+backward, 2-worker speedup, peak memory.
 
-    python bench/sensitivity.py [--model DIR] [--data SPEC] [--samples 32] [--seq-len 128]
+    python bench/sensitivity.py [--model DIR] [--data SPEC] [--samples 32] [--seq-len 128] [--threads 1]
 
 Without --model it converts stories260K from ../shared/data. Prints ratios measured in this one run.
 """
@@ -35,6 +35,15 @@ def stories260k() -> str:
     return str(convert_llama2c(SHARED / "stories260K.bin", SHARED / "tok512.bin", out))
 
 
+def random_llama(hidden: int, vocab: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                         num_hidden_layers=4, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128)
+    return LlamaForCausalLM(config).eval()
+
+
 def plain_forward_backward(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int) -> float:
     start = time.perf_counter()
     for batch in tokens.split(micro_batch):
@@ -56,9 +65,15 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (driver and each worker)")
+    p.add_argument("--random-hidden", type=int, help="use a randomly initialised Llama of this width (4 layers) "
+                   "with the stories260K tokenizer, to see how the overhead shrinks with layer size")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model, tok = load_model(args.model or stories260k())
+    if args.random_hidden:
+        model = random_llama(args.random_hidden, len(tok))
     tokens = calibration_set(args.data, tok, samples=args.samples, seq_len=args.seq_len).tokens
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -75,9 +90,9 @@ def main() -> None:
 
     init_ray(None)
     meta = {"key": "bench", "model_info": {}, "calibration": {}, "estimator": {}}
-    compute_sensitivity(model, tokens[:2], workers=2, **meta)  # start the worker processes
-    t_one, _ = timed(compute_sensitivity, model, tokens, workers=1, **meta)
-    t_two, _ = timed(compute_sensitivity, model, tokens, workers=2, **meta)
+    compute_sensitivity(model, tokens[:4], workers=2, threads=args.threads, **meta)  # start the worker processes
+    t_one, _ = timed(compute_sensitivity, model, tokens, workers=1, threads=args.threads, **meta)
+    t_two, _ = timed(compute_sensitivity, model, tokens, workers=2, threads=args.threads, **meta)
 
     n_tok = tokens.numel()
     print(f"model params: {sum(p.numel() for p in model.parameters()):,}; calibration {tuple(tokens.shape)} "

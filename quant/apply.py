@@ -7,6 +7,10 @@ fed by a norm when its input *is* that norm's output tensor), so no per-architec
 Equalization (a8-lae, a8-smooth) divides the input channels by s and multiplies the weight columns by s.
 Where a norm feeds the layer and every quantizable consumer of that norm uses the same equalization, s is
 shared by them and folded into the norm's weight (and bias); otherwise the layer keeps a runtime pre-scale.
+
+The module swapped in is built by a `ModuleFactory` with FakeQuantLinear's constructor signature: the
+simulation (FakeQuantLinear, the default) and the materialized model (`quant.qlinear.QuantLinear.from_float`,
+see `quant.artifact`) go through the same calibration, equalization and folding, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -32,14 +37,29 @@ log = logging.getLogger(__name__)
 _NORM_DENYLIST = ("Gemma",)  # norms computing x * (1 + w): dividing w by s would be wrong
 
 
+class ModuleFactory(Protocol):
+    """Builds the module that replaces one layer; FakeQuantLinear and QuantLinear.from_float are factories."""
+
+    def __call__(
+        self,
+        weight: torch.Tensor,  # W diag(s) [N, K]: the equalization s is already multiplied in
+        bias: torch.Tensor | None,
+        spec: LayerSpec,
+        *,
+        act_scale: torch.Tensor | None = None,  # static per-tensor scale (a8-static, a8-lae, a8-smooth)
+        pre_scale: torch.Tensor | None = None,  # s [K] when it could not be folded into a norm
+    ) -> nn.Module: ...
+
+
 @dataclass
 class ApplyReport:
-    """What apply_plan did: replaced layers, folded norms, layers that kept a runtime pre-scale."""
+    """What apply_plan did: replaced layers, folded norms (and their s), layers that kept a runtime pre-scale."""
 
     replaced: list[str] = field(default_factory=list)
     folded: dict[str, list[str]] = field(default_factory=dict)  # norm -> layers sharing its scale
     prescaled: list[str] = field(default_factory=list)
     cost: PlanCost | None = None
+    norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> s [K] divided out of it
 
 
 @dataclass
@@ -91,13 +111,18 @@ def apply_plan(
     *,
     batch_size: int = 8,
     quantize_activations: bool = True,
+    module_factory: ModuleFactory | None = None,
 ) -> ApplyReport:
-    """Swap the layers the plan targets for FakeQuantLinear modules, in place.
+    """Swap the layers the plan targets for FakeQuantLinear modules (or `module_factory`'s), in place.
 
     `calibration` ([samples, seq_len] token ids, or an object with `.tokens`) is needed when any targeted
     layer uses a8-static, a8-lae or a8-smooth. `quantize_activations=False` keeps the equalization but
-    simulates activations in float (isolates the equalization transform).
+    simulates activations in float (isolates the equalization transform; FakeQuantLinear only).
     """
+    if module_factory is None:
+        module_factory = partial(FakeQuantLinear, quantize_activations=quantize_activations)
+    elif not quantize_activations:
+        raise ValueError("quantize_activations=False applies to the FakeQuantLinear simulation only")
     report = ApplyReport(cost=validate_plan(model, plan))
     specs = {n: s for n, s in resolve_plan(model, plan).items() if s.scheme.quantized}
     need_stats = [n for n, s in specs.items() if s.scheme.act.needs_calibration]
@@ -108,9 +133,7 @@ def apply_plan(
     modules = dict(model.named_modules())
     scales = _equalization_scales(modules, specs, stats, report)
     for name, spec in specs.items():
-        _swap(
-            model, modules, name, spec, stats.absmax.get(name), scales.get(name), report, quantize_activations
-        )
+        _swap(model, modules, name, spec, stats.absmax.get(name), scales.get(name), report, module_factory)
     log.info(
         "applied plan: %d layers quantized, %d norms folded, %d runtime pre-scales",
         len(report.replaced),
@@ -228,6 +251,7 @@ def _equalization_scales(
         _fold_into_norm(modules[norm], s)
         scales.update(dict.fromkeys(layers, s))
         report.folded[norm] = list(layers)
+        report.norm_scales[norm] = s
     for name, spec in specs.items():
         if spec.scheme.act.equalized and name not in scales:
             scales[name] = _scale(spec, stats.absmax[name], [linear_weight(modules[name])])
@@ -261,7 +285,7 @@ def _swap(
     x_absmax: torch.Tensor | None,
     s: torch.Tensor | None,
     report: ApplyReport,
-    quantize_activations: bool,
+    module_factory: ModuleFactory,
 ) -> None:
     module = modules[name]
     weight = linear_weight(module).detach()
@@ -272,14 +296,7 @@ def _swap(
         x_eq = x_absmax if s is None else x_absmax / s  # max|X'| per channel, X' = X / s
         act_scale = static_scale_from_absmax(x_eq.max())
     prescaled = s is not None and name in report.prescaled
-    new = FakeQuantLinear(
-        weight,
-        module.bias,
-        spec,
-        act_scale=act_scale,
-        pre_scale=s if prescaled else None,
-        quantize_activations=quantize_activations,
-    )
+    new = module_factory(weight, module.bias, spec, act_scale=act_scale, pre_scale=s if prescaled else None)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     report.replaced.append(name)

@@ -24,3 +24,7 @@ class ModelLoadError(QuantPlanError):
 
 class DataError(QuantPlanError):
     """A data spec that does not parse, points at missing files, or yields too few tokens."""
+
+
+class ArtifactError(QuantPlanError):
+    """A materialized artifact that is missing, corrupted, of an unknown format, or made for another base model."""

@@ -8,8 +8,10 @@ from typing import Annotated, Any
 import typer
 
 from quant.errors import QuantPlanError
+from service.artifact_cmd import apply_command, materialize_command
 from service.console import print_error, print_json, setup_logging, stderr, stdout
 from service.console import table as table_view
+from service.search_cmd import search_command
 
 app = typer.Typer(
     name="quantplan",
@@ -43,6 +45,10 @@ def eval_command(
     plan: Annotated[
         Path | None, typer.Option("--plan", help="Plan JSON to simulate (adds kl, avg_bits, bytes).")
     ] = None,
+    artifact: Annotated[
+        Path | None,
+        typer.Option("--artifact", help="Materialized artifact: evaluate the real quantized model (adds kl, ...)."),
+    ] = None,
     calib_data: Annotated[
         str | None, typer.Option("--calib-data", help="Calibration data spec (default: --data, train split).")
     ] = None,
@@ -59,19 +65,27 @@ def eval_command(
     seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Perplexity of a model on a data set, and with --plan the KL and size of the quantized model."""
+    """Perplexity of a model on a data set, and with --plan (simulated) or --artifact (real) the KL and size."""
     from quant.apply import needs_calibration, validate_plan
+    from quant.artifact import read_manifest, verify_artifact
     from quant.plan import Plan
+    from workers.artifacts import evaluate_artifact
     from workers.data import DataSpec, calibration_set, eval_windows
     from workers.evaluate import evaluate
     from workers.models import load_model
     from workers.pipeline import evaluate_plan
 
+    if plan is not None and artifact is not None:
+        raise QuantPlanError("pass either --plan (simulate) or --artifact (the materialized model), not both")
     the_plan = Plan.load(plan) if plan is not None else None
+    if artifact is not None:
+        read_manifest(artifact)  # a missing or unreadable artifact fails before the model loads
     spec, calib_spec = DataSpec.parse(data), DataSpec.parse(calib_data or data)
     net, tokenizer = load_model(model, dtype=dtype)
     if the_plan is not None:
         validate_plan(net, the_plan)
+    if artifact is not None:
+        verify_artifact(artifact, net)  # checksums and the base fingerprint, before the base evaluation
     seq_len = seq_len or min(2048, int(getattr(net.config, "max_position_embeddings", 2048)))
     windows = eval_windows(spec, tokenizer, seq_len=seq_len, max_windows=samples, split="test")
     base = evaluate(net, windows, batch_size=batch_size, progress=True)
@@ -84,6 +98,9 @@ def eval_command(
             calib = calibration_set(calib_spec, tokenizer, samples=calib_samples, seq_len=calib_len, seed=seed).tokens
         result = evaluate_plan(net, the_plan, windows, calib, base_result=base, batch_size=batch_size, progress=True)
         out |= {k: v for k, v in result.to_dict().items() if k not in ("tokens",)}
+    if artifact is not None:
+        result = evaluate_artifact(net, artifact, windows, base_result=base, batch_size=batch_size, progress=True)
+        out |= {k: v for k, v in result.to_dict().items() if k not in ("tokens",)} | {"artifact": str(artifact)}
     if json_out:
         print_json(out)
         return
@@ -220,6 +237,11 @@ def convert_llama2c_command(
         print_json({"out": str(path)})
     else:
         stderr.print(f"converted {checkpoint} -> {path}")
+
+
+app.command("materialize")(materialize_command)
+app.command("apply")(apply_command)
+app.command("search")(search_command)
 
 
 def main(argv: list[str] | None = None) -> None:

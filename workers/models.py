@@ -11,7 +11,6 @@ reports and cache keys.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,15 +231,7 @@ def model_identity(spec: str, model: PreTrainedModel | None = None) -> dict[str,
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the config and every parameter/buffer (name, dtype, shape, bytes): equal iff same weights."""
-    import torch
+    """sha256 over the config and every parameter/buffer: equal iff same weights (see `quant.fingerprint`)."""
+    from quant.fingerprint import model_fingerprint as fingerprint
 
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        h.update(config.to_json_string(use_diff=False).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return fingerprint(model)

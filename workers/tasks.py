@@ -116,17 +116,19 @@ def compute_sensitivity(
     workers: int = 1,
     micro_batch: int = 1,
     address: str | None = None,
+    threads: int | None = None,
     progress: bool = False,
     **meta: Any,
 ) -> SensitivityTable:
     """The SensitivityTable of `model` on calibration `tokens` [samples, seq_len], on `workers` Ray workers.
 
+    Each task gets `threads` CPUs and torch threads (default: the cluster's CPUs / workers).
     `meta` (key, model_info, calibration, estimator) is stored in the table as given.
     """
     if not quantizable_modules(model):
         raise QuantPlanError("the model has no quantizable layer (nn.Linear or Conv1D besides the output head)")
     init_ray(address)
-    threads = _threads(workers)
+    threads = threads or _threads(workers)
     opts = {"num_cpus": threads}
     shards = _shards(tokens, micro_batch, 2 * workers)
     model_ref = ray.put(model.eval())
@@ -200,3 +202,46 @@ def _get(ref: ray.ObjectRef, stage: str) -> Any:
 def _cause(e: ray.exceptions.RayTaskError) -> str:
     cause = getattr(e, "cause", None)
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[-1]
+
+
+# -- measured evaluation of candidate plans (search re-scores its top candidates here) -----------------------
+from workers.evaluate import EvalResult, evaluate  # noqa: E402  (appended section; no import cycle)
+from workers.pipeline import PlanEval, evaluate_plan  # noqa: E402
+
+
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
+def _base_task(model: nn.Module, windows: torch.Tensor, threads: int) -> EvalResult:
+    torch.set_num_threads(threads)
+    return evaluate(model.float(), windows)
+
+
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
+def _eval_task(model: nn.Module, plan: Any, windows: torch.Tensor, calibration: torch.Tensor | None,
+               base: EvalResult, threads: int) -> PlanEval:
+    torch.set_num_threads(threads)
+    return evaluate_plan(model.float(), plan, windows, calibration, base_result=base)
+
+
+def evaluate_plans(
+    model: nn.Module,
+    plans: Sequence[Any],
+    windows: torch.Tensor,
+    calib_tokens: torch.Tensor | None,
+    *,
+    workers: int = 1,
+    address: str | None = None,
+    progress: bool = False,
+) -> list[PlanEval]:
+    """Perplexity and KL(base || quantized) of `model` under each `quant.plan.Plan` on held-out `windows`,
+    one Ray task per plan on `workers` workers; results in the order of `plans`."""
+    if not plans:
+        return []
+    init_ray(address)
+    threads = _threads(workers)
+    opts = {"num_cpus": threads}
+    model_ref, windows_ref, calib_ref = ray.put(model.eval()), ray.put(windows), ray.put(calib_tokens)
+    with _progress(progress) as track:
+        base = track("unquantized model", [_base_task.options(**opts).remote(model_ref, windows_ref, threads)])[0]
+        return track("plan evaluation", [
+            _eval_task.options(**opts).remote(model_ref, plan, windows_ref, calib_ref, base, threads) for plan in plans
+        ])

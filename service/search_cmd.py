@@ -1,0 +1,305 @@
+"""`quantplan search`: a model, data and a memory budget in; the Pareto set and the best plan out.
+
+Steps: the sensitivity table (computed on Ray and cached, or `--table`), the exact knapsack optimum, an Optuna
+study in the project database (resumed when the same search runs again), then the best Pareto plans under the
+budget and the fixed baselines re-scored by measured perplexity/KL on held-out tokens (Ray). Heavy modules
+(torch, transformers, optuna, ray) are imported inside the command, so `quantplan --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from service.console import print_json, stderr, stdout
+from service.console import table as table_view
+
+if TYPE_CHECKING:
+    from quant.costs import TableInfo
+    from search.budget import Budget
+    from search.problem import Candidate, Problem
+    from search.space import SearchSpace
+    from search.study import SearchResult, StudySettings
+
+log = logging.getLogger("service.search")
+
+COLUMNS = ("plan", "avg_bits", "bytes", "pred_loss", "ppl", "kl", "fits")
+FORMATS = {"avg_bits": ".3f", "bytes": ",d", "pred_loss": ".3e", "ppl": ".3f", "kl": ".4f"}
+SHOWN_PARETO = 12  # the table shows the references, the evaluated plans and this many more of the front
+
+_Opt = typer.Option
+
+
+@dataclass
+class SearchReport:
+    """What the command prints: the search result, measured evaluations by candidate label, the best plan."""
+
+    problem: Problem
+    result: SearchResult
+    measured: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> PlanEval.to_dict()
+    best: Candidate | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Pareto set and references (deduplicated), each with its measured numbers where evaluated."""
+        seen, rows = set(), []
+        for c in self.result.references + self.result.pareto:
+            if c.label in seen:
+                continue
+            seen.add(c.label)
+            on_front = any(p.label == c.label for p in self.result.pareto)
+            rows.append({**c.summary(), "pareto": on_front, **_measured(self.measured.get(c.label))})
+        return rows
+
+
+def _measured(result: dict[str, Any] | None) -> dict[str, Any]:
+    keys = ("perplexity", "kl", "base_perplexity")
+    return {k: result[k] for k in keys} if result else {}
+
+
+def search_command(
+    model: Annotated[str, _Opt("--model", "-m", help="Hugging Face id or local model directory.")],
+    data: Annotated[str, _Opt("--data", "-d", help="Calibration (train split) and evaluation (test split) data: "
+                                                   "wikitext2 | wikitext2:<dir> | text:<file>[,<file>...]")],
+    out: Annotated[Path, _Opt("--out", "-o", help="Where to write the best plan within the budget (JSON).")],
+    budget_bits: Annotated[float | None, _Opt("--budget-bits", help="Budget: average bits per weight over the "
+                                              "quantizable layers, scales and zero-points included.")] = None,
+    budget_mb: Annotated[float | None, _Opt("--budget-mb", help="Budget: bytes of the quantizable layers' weights, "
+                                            "in MB (1 MB = 10^6 bytes).")] = None,
+    act_bits: Annotated[int, _Opt("--act-bits", help="8: int8 activations (W4A8/W8A8 kernels); 16: weight-only "
+                                  "search (W4A16/W8A16).")] = 8,
+    trials: Annotated[int, _Opt("--trials", min=0, help="Completed trials the study should hold; rerunning the "
+                                "same search resumes up to N.")] = 300,
+    eval_top: Annotated[int, _Opt("--eval-top", min=0, help="Measure perplexity/KL of the K best Pareto plans "
+                                  "within the budget (and the baselines) on Ray; 0: predictions only.")] = 3,
+    db: Annotated[str | None, _Opt("--db", help="Study database, a SQLAlchemy URL (env QUANTPLAN_DATABASE_URL; "
+                                   "default: SQLite in the user data directory).")] = None,
+    study: Annotated[str | None, _Opt("--study", help="Study name (default: derived from the table, budget and "
+                                      "space, so the same search resumes).")] = None,
+    skip: Annotated[str | None, _Opt("--skip", help="Regex (re.search) of module names to keep unquantized; "
+                                     "they still count in the budget.")] = None,
+    max_dynamic_share: Annotated[float | None, _Opt("--max-dynamic-share", min=0.0, max=1.0, help="At most this "
+                                                    "share of layers may use a8-dynamic (it costs run time).")] = None,
+    trial_space: Annotated[str, _Opt("--space", help="structured (any size) | per-layer (small models: one "
+                                     "categorical per layer).")] = "structured",
+    symmetry: Annotated[str, _Opt("--symmetry", help="Searched 4-bit weights: sym | asym | both.")] = "both",
+    low_bits: Annotated[bool, _Opt("--low-bits", help="Also search 2/3-bit weights (simulation only: no kernel "
+                                   "serves them).")] = False,
+    weights: Annotated[str | None, _Opt("--weights", help="Only these weight schemes, comma-separated, "
+                                        "e.g. w4g128,w4g64,w8.")] = None,
+    table: Annotated[Path | None, _Opt("--table", help="Reuse this sensitivity table (.safetensors) instead of "
+                                       "computing or loading the cached one.")] = None,
+    samples: Annotated[int, _Opt("--samples", min=1, help="Calibration windows.")] = 128,
+    seq_len: Annotated[int | None, _Opt("--seq-len", min=2, help="Window length (default: min(512, max)).")] = None,
+    eval_data: Annotated[str | None, _Opt("--eval-data", help="Held-out data for the measured evaluation "
+                                          "(default: --data, test split).")] = None,
+    eval_samples: Annotated[int | None, _Opt("--eval-samples", min=1, help="Evaluate at most N windows.")] = None,
+    eval_baselines: Annotated[bool, _Opt("--eval-baselines/--no-eval-baselines", help="Measure the fixed "
+                                         "baselines too when --eval-top > 0.")] = True,
+    workers: Annotated[int, _Opt("--workers", min=1, help="Parallel Ray workers.")] = 1,
+    ray_address: Annotated[str | None, _Opt("--ray-address", help="Ray cluster address (env "
+                                            "QUANTPLAN_RAY_ADDRESS); default local.")] = None,
+    seed: Annotated[int, _Opt("--seed", help="Calibration sampling and sampler seed.")] = 0,
+    dtype: Annotated[str, _Opt("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
+    json_out: Annotated[bool, _Opt("--json", help="Print one JSON document on stdout instead of a table.")] = False,
+) -> None:
+    """Search mixed-precision plans under a memory budget: exact knapsack, Optuna study, measured re-scoring."""
+    from search.budget import Budget
+    from search.space import SearchSpace
+    from search.study import StudySettings
+
+    budget = Budget(budget_bits, budget_mb)  # bad input fails before any model is loaded
+    space = SearchSpace(act_bits, symmetry, low_bits, _split(weights), skip, max_dynamic_share)
+    settings = StudySettings(trials, trial_space, seed, study, db)
+    inputs = _load_inputs(model, data, eval_data, table, samples, seq_len, eval_samples, dtype, seed,
+                          workers, ray_address, eval_top > 0)
+    report = run_pipeline(inputs, budget, space, settings, eval_top=eval_top, eval_baselines=eval_baselines,
+                          workers=workers, address=ray_address, progress=not json_out)
+    path = report.problem.plan(report.best, meta=_plan_meta(report, model)).save(out)
+    _print(report, model, path, json_out)
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@dataclass
+class SearchInputs:
+    """A loaded model with its sensitivity table, calibration tokens and held-out windows."""
+
+    net: Any
+    table: TableInfo
+    calib_tokens: Any
+    windows: Any | None
+    shapes: dict[str, tuple[int, int]]
+
+
+def _load_inputs(model, data, eval_data, table_path, samples, seq_len, eval_samples, dtype, seed, workers,
+                 address, need_windows) -> SearchInputs:
+    from quant.apply import layer_shapes
+    from workers.data import DataSpec, calibration_set, eval_windows
+    from workers.models import load_model
+
+    spec = DataSpec.parse(data)
+    eval_spec = DataSpec.parse(eval_data) if eval_data else spec
+    net, tokenizer = load_model(model, dtype=dtype)
+    seq_len = seq_len or min(512, int(getattr(net.config, "max_position_embeddings", 512)))
+    calib = calibration_set(spec, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    info = _table(net, model, calib, table_path, workers, address)
+    windows = None
+    if need_windows:
+        windows = eval_windows(eval_spec, tokenizer, seq_len=seq_len, max_windows=eval_samples, split="test")
+    return SearchInputs(net, info, calib.tokens, windows, layer_shapes(net))
+
+
+def _table(net: Any, model: str, calib: Any, path: Path | None, workers: int, address: str | None) -> TableInfo:
+    """The table from --table (checked against the model), else the cached or freshly computed one."""
+    from quant.costs import TableError, read_table_info
+    from workers.models import model_fingerprint
+    from workers.pipeline import sensitivity_table
+
+    if path is None:
+        table, cached = sensitivity_table(net, calib, model_name=model, workers=workers, address=address,
+                                          progress=True)
+        log.info("sensitivity table %s (%s)", table.key, "cached" if cached else "computed")
+        return table
+    info = read_table_info(path)
+    expected, found = model_fingerprint(net), info.model.get("fingerprint")
+    if found != expected:
+        raise TableError(
+            f"{path} was computed for another model (fingerprint {str(found)[:12]}, this model {expected[:12]}); "
+            "leave out --table to compute the table for this model"
+        )
+    return info
+
+
+def run_pipeline(
+    inputs: SearchInputs,
+    budget: Budget,
+    space: SearchSpace,
+    settings: StudySettings,
+    *,
+    eval_top: int = 3,
+    eval_baselines: bool = True,
+    workers: int = 1,
+    address: str | None = None,
+    progress: bool = False,
+) -> SearchReport:
+    """Compile the problem, run the study, measure the top candidates; the best plan is the measured best
+    within budget and space (by perplexity), else the predicted best."""
+    from search.problem import compile_problem
+    from search.study import run_search
+
+    problem = compile_problem(inputs.table, space, budget, inputs.shapes)
+    with _trial_progress(progress) as on_trial:
+        result = run_search(problem, settings, on_trial=on_trial)
+    log.info("study %s in %s: %d trials (%d new, %.0f/min); knapsack %s in %.2f s", result.study, result.storage,
+             result.trials, result.new_trials, result.trials_per_minute,
+             "exact" if result.knapsack.exact else "within its dual bound", result.knapsack.seconds)
+    report = SearchReport(problem, result, best=result.best())
+    if eval_top > 0 and inputs.windows is not None:
+        _measure(report, inputs, _to_measure(report, eval_top, eval_baselines), workers, address, progress)
+    return report
+
+
+def _to_measure(report: SearchReport, top: int, baselines: bool) -> list[Candidate]:
+    fits = [c for c in report.result.references + report.result.pareto if c.under_budget and c.in_space]
+    chosen: dict[tuple[str, ...], Candidate] = {}
+    for c in sorted(fits, key=lambda c: c.predicted_loss):
+        if len(chosen) < top:
+            chosen.setdefault(c.schemes, c)
+    refs = [c for c in report.result.references if c.recipe != "knapsack"] if baselines else []
+    return list(chosen.values()) + [c for c in refs if c.schemes not in chosen]
+
+
+def _measure(report: SearchReport, inputs: SearchInputs, candidates: list[Candidate], workers: int,
+             address: str | None, progress: bool) -> None:
+    from workers.tasks import evaluate_plans
+
+    plans = [report.problem.plan(c) for c in candidates]
+    results = evaluate_plans(inputs.net, plans, inputs.windows, inputs.calib_tokens, workers=workers,
+                             address=address, progress=progress)
+    report.measured = {c.label: r.to_dict() for c, r in zip(candidates, results, strict=True)}
+    fits = [c for c in candidates if c.under_budget and c.in_space]
+    if fits:
+        report.best = min(fits, key=lambda c: report.measured[c.label]["perplexity"])
+
+
+@contextmanager
+def _trial_progress(enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar fed by the driver's on_trial(done, total) callback (nothing when disabled)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("search trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=stderr, disable=not enabled)
+    task = bar.add_task("trials", total=None)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _plan_meta(report: SearchReport, model: str) -> dict[str, Any]:
+    best = report.best
+    assert best is not None
+    return {"search": {
+        "model": model, "study": report.result.study, "budget": report.problem.budget.to_dict(),
+        "space": report.problem.space.to_dict(), "table": report.problem.table.key, **best.summary(),
+        **_measured(report.measured.get(best.label)),
+    }}
+
+
+def _print(report: SearchReport, model: str, path: Path, json_out: bool) -> None:
+    rows = report.rows()
+    if json_out:
+        print_json(_json_doc(report, model, path, rows))
+        return
+    best = report.best
+    assert best is not None
+    shown = _thin(rows, report)
+    for r in shown:
+        r |= {"plan": ("* " if r["label"] == best.label else "") + r["label"], "pred_loss": r["predicted_loss"],
+              "ppl": r.get("perplexity"), "fits": _fits(r)}
+    base = next((m["base_perplexity"] for m in report.measured.values()), None)
+    title = (f"budget {report.problem.budget.describe()}: {len(report.result.pareto)} Pareto plans (showing "
+             f"{len(shown)}){'' if base is None else f', unquantized ppl {base:.3f}'}")
+    stdout.print(table_view(title, COLUMNS, shown, FORMATS))
+    stderr.print(f"wrote the best plan ({best.label}) to {path}; browse the study with: "
+                 f"optuna-dashboard {report.result.storage}", highlight=False, soft_wrap=True)
+
+
+def _fits(row: dict[str, Any]) -> str:
+    return "no: space" if not row["in_space"] else "yes" if row["under_budget"] else "no: size"
+
+
+def _thin(rows: list[dict[str, Any]], report: SearchReport) -> list[dict[str, Any]]:
+    """References, evaluated plans, and up to SHOWN_PARETO others spread over the front by size."""
+    keep = {r["label"] for r in rows if r["recipe"] or r["label"] in report.measured}
+    others = [r for r in rows if r["label"] not in keep]
+    step = max(1, -(-len(others) // SHOWN_PARETO))
+    keep |= {r["label"] for r in others[::step]}
+    return sorted((dict(r) for r in rows if r["label"] in keep), key=lambda r: (r["bytes"], r["predicted_loss"]))
+
+
+def _json_doc(report: SearchReport, model: str, path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    result, best = report.result, report.best
+    assert best is not None
+    return {
+        "model": model,
+        "study": result.study,
+        "db": result.storage,
+        "budget": report.problem.budget.to_dict(),
+        "space": report.problem.space.to_dict(),
+        "trials": result.trials,
+        "new_trials": result.new_trials,
+        "seconds": result.seconds,
+        "knapsack": {"exact": result.knapsack.exact, "lower_bound": result.knapsack.lower_bound,
+                     "predicted_loss": result.knapsack.loss, "seconds": result.knapsack.seconds},
+        "best": {**best.summary(), **_measured(report.measured.get(best.label)),
+                 "plan": report.problem.plan(best).to_dict()},
+        "out": str(path),
+        "plans": rows,
+    }

@@ -1,0 +1,309 @@
+"""Packed artifacts: round trips against the fake-quant simulation, sizes, tampering, bad input, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import quant
+from quant import artifact as art
+from quant.apply import apply_plan
+from quant.errors import ArtifactError, PlanError
+from quant.fingerprint import model_fingerprint
+from quant.packing import PackingError
+from quant.plan import Plan
+from quant.qlinear import QuantLinear
+from tests.quant.test_apply import ARCHS, VOCAB
+from tests.quant.test_apply import _model as tiny_model
+from workers.artifacts import evaluate_artifact, materialize_plan
+from workers.data import calibration_set, eval_windows
+from workers.demo import build_demo_model
+from workers.evaluate import evaluate
+from workers.models import load_model
+
+PPL_TOL = 0.005  # acceptance 1: the artifact's perplexity within 0.5% of the simulation
+SIZE_TOL = 0.02  # ... and its stored weights within 2% of the plan's cost model
+
+
+def mixed_plan(group: int) -> Plan:
+    """The acceptance mix: a8-dynamic by default, LAE on q/k/v, weight-only o_proj, w8:a8-static down_proj."""
+    return Plan.from_layers(
+        {
+            r"re:.*self_attn\.[qkv]_proj": "w4g64:a8-lae",
+            r"re:.*self_attn\.o_proj": f"w4g{group}:a16",
+            r"re:.*mlp\.down_proj": "w8:a8-static",
+        },
+        default=Plan.uniform(f"w4g{group}:a8-dynamic").default,
+    )
+
+
+# Equalizations that cannot share a norm (runtime pre-scales), SmoothQuant, asymmetric zero-points.
+PRESCALED_PLAN = Plan.from_layers(
+    {
+        r"re:.*mlp\.gate_proj": {"scheme": "w4g32a:a8-smooth", "alpha": 0.6},
+        r"re:.*mlp\.up_proj": "w4g64:a8-lae",
+        r"re:.*self_attn\.[qkv]_proj": {"scheme": "w4g64:a8-static", "clip": 0.9},
+    },
+    default=Plan.uniform("w8:a8-dynamic").default,
+)
+
+
+class Case:
+    """A base model, its evaluation windows and calibration set."""
+
+    def __init__(self, path: Path, data: str, calib_data: str) -> None:
+        self.model, tokenizer = load_model(str(path))
+        self.path = path
+        self.windows = eval_windows(data, tokenizer, seq_len=128, max_windows=12)
+        self.calib = calibration_set(calib_data, tokenizer, samples=8, seq_len=128)
+        self.base = evaluate(self.model, self.windows)
+
+    def simulate(self, plan: Plan) -> float:
+        model = copy.deepcopy(self.model)
+        apply_plan(model, plan, self.calib)
+        return evaluate(model, self.windows).perplexity
+
+
+@pytest.fixture(scope="module")
+def stories(stories_hf: Path, stories_dir: Path) -> Case:
+    text = f"text:{stories_dir / 'sampled_seed1.txt'}"
+    return Case(stories_hf, text, text)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    built = build_demo_model(tmp_path_factory.mktemp("demo"), steps=20, progress=False)
+    return Case(built.path, built.data_spec, built.calib_spec)
+
+
+@pytest.fixture(scope="module")
+def stories_artifact(tmp_path_factory: pytest.TempPathFactory, stories: Case) -> Path:
+    out = tmp_path_factory.mktemp("artifacts") / "stories-mixed"
+    materialize_plan(stories.model, mixed_plan(64), stories.calib, out, windows=stories.windows,
+                     eval_info={"data": "sampled_seed1"}, base_result=stories.base)
+    return out
+
+
+def unchanged(model: nn.Module, fingerprint: str) -> bool:
+    return model_fingerprint(model) == fingerprint and not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def stored_weight_bytes(path: Path) -> int:
+    """Bytes of the packed codes, scales and zero-points as they lie in the file (from the safetensors header)."""
+    raw = (path / art.WEIGHTS_FILE).read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+               if k.rpartition(".")[2] in art.PACKED_TENSORS)
+
+
+# -- acceptance 1: round trip ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("which", "plan"), [("stories", mixed_plan(64)), ("stories", PRESCALED_PLAN),
+                                             ("demo", mixed_plan(128))], ids=["stories", "stories-prescaled", "demo"])
+def test_round_trip_matches_simulation_and_cost(request, tmp_path: Path, which: str, plan: Plan) -> None:
+    case: Case = request.getfixturevalue(which)
+    before = model_fingerprint(case.model)
+    info, measured = materialize_plan(case.model, plan, case.calib, tmp_path / "a", windows=case.windows,
+                                      base_result=case.base)
+    assert unchanged(case.model, before), "materialize works on a copy"
+    assert measured is not None and info.metrics["perplexity"] == measured.perplexity
+    assert measured.perplexity == pytest.approx(case.simulate(plan), rel=PPL_TOL)
+    assert measured.kl > 0 and measured.perplexity < 1.5 * case.base.perplexity
+
+    assert stored_weight_bytes(info.path) == info.metrics["bytes"]
+    assert info.metrics["bytes"] == pytest.approx(info.cost["bytes"], rel=SIZE_TOL)
+    assert info.metrics["avg_bits"] == pytest.approx(info.cost["avg_bits"], rel=SIZE_TOL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "no temporary directory left behind"
+
+
+def test_loaded_modules_and_manifest(stories: Case, stories_artifact: Path) -> None:
+    model = copy.deepcopy(stories.model)
+    info = quant.load_quantized(model, stories_artifact)
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quantized) == len(info.layers) == 35  # 7 linears x 5 blocks; the tied output head stays
+    kernels = {n.rpartition(".")[2]: m.kernel.name for n, m in quantized.items()}
+    assert kernels == {"q_proj": "w4a8", "k_proj": "w4a8", "v_proj": "w4a8", "o_proj": "w4a16",
+                       "gate_proj": "w4a8", "up_proj": "w4a8", "down_proj": "w8a8"}
+    m = info.manifest
+    assert m["base_model"]["fingerprint"] == model_fingerprint(stories.model)
+    assert set(m["files"]) == {"plan.json", "quantized.safetensors"}
+    assert len(m["norms"]) == 5 and all(len(v) == 3 for v in m["norms"].values())  # input norms feed q, k, v
+    assert {"perplexity", "kl", "bytes", "avg_bits", "tokens", "artifact_bytes"} <= set(m["metrics"])
+    assert Plan.load(stories_artifact / "plan.json") == mixed_plan(64)
+
+
+def test_whole_file_within_two_percent_of_cost_on_a_wider_model(tmp_path: Path) -> None:
+    """Headers and fp32 vectors are a fixed overhead: negligible once layers have real widths."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4)
+    model = LlamaForCausalLM(cfg).eval()
+    tokens = torch.randint(0, 128, (2, 16))
+    info = art.materialize(model, mixed_plan(128), tokens, tmp_path / "a")
+    file_bytes = (info.path / art.WEIGHTS_FILE).stat().st_size
+    assert file_bytes == pytest.approx(info.cost["bytes"], rel=SIZE_TOL)
+    assert info.metrics["artifact_bytes"] == pytest.approx(info.cost["bytes"], rel=SIZE_TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_other_architectures_match_the_simulation(tmp_path: Path, arch: str) -> None:
+    """Biases, LayerNorm biases folded, GPT-2's transposed Conv1D: the same logits as the fake-quant model."""
+    model, tokens = tiny_model(arch), torch.randint(2, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    plan = Plan.from_layers({"re:.*(q_proj|query_key_value|c_attn)": "w4g32:a8-lae"},
+                            default=Plan.uniform("w8:a8-static").default)
+    simulated = copy.deepcopy(model)
+    apply_plan(simulated, plan, tokens)
+    art.materialize(model, plan, tokens, tmp_path / "a")
+    quant.load_quantized(model, tmp_path / "a")
+    with torch.no_grad():
+        y, y_sim = model(input_ids=tokens).logits, simulated(input_ids=tokens).logits
+    assert (y - y_sim).abs().max() <= 1e-4 * y_sim.abs().max()
+
+
+# -- acceptance 2: tampering, refused before any module is swapped ------------------------------------------
+def tampered_copy(src: Path, dst: Path, file: str, where: float) -> Path:
+    shutil.copytree(src, dst)
+    data = bytearray((dst / file).read_bytes())
+    i = min(int(len(data) * where), len(data) - 1)
+    data[i] ^= 0x01
+    (dst / file).write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("file", ["plan.json", "quantized.safetensors", "manifest.json"])
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0])
+def test_a_changed_byte_in_any_file_is_refused(tmp_path, stories: Case, stories_artifact: Path, file: str,
+                                               where: float) -> None:
+    bad = tampered_copy(stories_artifact, tmp_path / "bad", file, where)
+    model = copy.deepcopy(stories.model)
+    before = model_fingerprint(model)
+    with pytest.raises(ArtifactError, match="corrupted or was tampered with"):
+        quant.load_quantized(model, bad)
+    assert unchanged(model, before)
+
+
+def test_another_base_model_is_refused(stories: Case, stories_artifact: Path) -> None:
+    model = copy.deepcopy(stories.model)
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] += 1e-3
+    before = model_fingerprint(model)
+    with pytest.raises(ArtifactError, match="was made for another base model"):
+        quant.load_quantized(model, stories_artifact)
+    assert unchanged(model, before)
+
+
+def rewrite_manifest(path: Path, **changes: object) -> None:
+    manifest = json.loads((path / art.MANIFEST_FILE).read_text())
+    art._write_manifest(path, {**manifest, **changes})
+
+
+def test_unknown_artifact_version_is_refused(tmp_path, stories: Case, stories_artifact: Path) -> None:
+    bad = shutil.copytree(stories_artifact, tmp_path / "v2")
+    rewrite_manifest(bad, version=2)
+    model = copy.deepcopy(stories.model)
+    before = model_fingerprint(model)
+    with pytest.raises(ArtifactError, match="unknown artifact format version 2; this QuantPlan reads version 1"):
+        quant.load_quantized(model, bad)
+    assert unchanged(model, before)
+
+
+def test_unknown_packed_weight_version_is_refused(tmp_path, stories: Case, stories_artifact: Path) -> None:
+    bad = shutil.copytree(stories_artifact, tmp_path / "packed-v2")
+    with safe_open(str(bad / art.WEIGHTS_FILE), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    save_file(tensors, str(bad / art.WEIGHTS_FILE), metadata={**meta, "packed_version": "2"})
+    manifest = json.loads((bad / art.MANIFEST_FILE).read_text())
+    rewrite_manifest(bad, files={**manifest["files"], art.WEIGHTS_FILE: art._file_entry(bad / art.WEIGHTS_FILE)})
+    model = copy.deepcopy(stories.model)
+    before = model_fingerprint(model)
+    with pytest.raises(PackingError, match="unsupported packed weight"):
+        quant.load_quantized(model, bad)
+    assert unchanged(model, before)
+
+
+def test_missing_artifact_and_missing_file(tmp_path, stories: Case, stories_artifact: Path) -> None:
+    with pytest.raises(ArtifactError, match="no artifact at .*directory not found"):
+        quant.load_quantized(stories.model, tmp_path / "nowhere")
+    partial = shutil.copytree(stories_artifact, tmp_path / "partial")
+    (partial / art.WEIGHTS_FILE).unlink()
+    with pytest.raises(ArtifactError, match="quantized.safetensors is missing"):
+        art.verify_artifact(partial)
+
+
+# -- bad input and atomic writes ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("scheme", "message"),
+    [
+        ("w4g128:a8-dynamic", "group size 128 is larger than in_features K=64"),
+        ("w3g32:a8-dynamic", "cannot materialize the plan: .*3-bit weights have no packed format"),
+        ("w16:a8-static", "cannot materialize the plan: .*activation-only int8 has no kernel"),
+        ("w16:a16", "the plan quantizes no layer"),
+    ],
+)
+def test_plans_that_cannot_be_materialized(tmp_path, stories: Case, scheme: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        art.materialize(stories.model, Plan.uniform(scheme), stories.calib, tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_leaves_nothing_and_existing_output_is_kept(tmp_path, stories: Case) -> None:
+    plan = Plan.uniform("w4g64:a8-dynamic")
+
+    def broken_measure(staged: Path) -> dict:
+        assert (staged / art.MANIFEST_FILE).is_file()
+        raise RuntimeError("evaluation crashed")
+
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        art.materialize(stories.model, plan, None, tmp_path / "a", measure=broken_measure)
+    assert list(tmp_path.iterdir()) == []
+
+    first = art.materialize(stories.model, plan, None, tmp_path / "a")
+    with pytest.raises(ArtifactError, match="already exists: choose another output directory, or pass --overwrite"):
+        art.materialize(stories.model, mixed_plan(64), stories.calib, tmp_path / "a")
+    second = art.materialize(stories.model, mixed_plan(64), stories.calib, tmp_path / "a", overwrite=True)
+    assert second.layers != first.layers and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="is not an artifact directory: refusing to replace it"):
+        art.materialize(stories.model, plan, None, tmp_path / "notes", overwrite=True)
+
+
+def test_record_metrics_keeps_the_manifest_verifiable(tmp_path, stories: Case) -> None:
+    info = art.materialize(stories.model, Plan.uniform("w8:a8-dynamic"), None, tmp_path / "a")
+    art.record_metrics(info.path, {"perplexity": 4.5, "eval": {"data": "x"}})
+    again = art.verify_artifact(info.path, stories.model)
+    assert again.metrics["perplexity"] == 4.5 and again.metrics["bytes"] == info.metrics["bytes"]
+
+
+# -- export -------------------------------------------------------------------------------------------------
+def test_export_loads_again_with_from_pretrained(tmp_path, stories: Case, stories_artifact: Path) -> None:
+    base, _ = load_model(str(stories.path))
+    out = art.export_pretrained(base, stories_artifact, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # another directory: the same fingerprint
+    quant.load_quantized(reloaded, out)
+    direct = copy.deepcopy(stories.model)
+    quant.load_quantized(direct, stories_artifact)
+    with torch.no_grad():
+        ids = stories.windows[:2]
+        assert torch.equal(reloaded(input_ids=ids).logits, direct(input_ids=ids).logits)
+    assert evaluate_artifact(base, out, stories.windows[:2]).kl > 0
+    with pytest.raises(ArtifactError, match="the model already holds quantized layers"):
+        art.export_pretrained(reloaded, stories_artifact, tmp_path / "hf2")
+    with pytest.raises(ArtifactError, match="the model already holds quantized layers"):
+        quant.load_quantized(reloaded, out)
+
+
+def test_import_quant_stays_torch_free() -> None:
+    code = "import sys, quant; assert 'torch' not in sys.modules; quant.ArtifactError; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "ok", proc.stderr

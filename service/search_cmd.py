@@ -58,7 +58,7 @@ class SearchReport:
 
 
 def _measured(result: dict[str, Any] | None) -> dict[str, Any]:
-    keys = ("perplexity", "kl", "base_perplexity")
+    keys = ("perplexity", "kl", "base_perplexity", "tokens")
     return {k: result[k] for k in keys} if result else {}
 
 
@@ -77,8 +77,9 @@ def search_command(
                                 "same search resumes up to N.")] = 300,
     eval_top: Annotated[int, _Opt("--eval-top", min=0, help="Measure perplexity/KL of the K best Pareto plans "
                                   "within the budget (and the baselines) on Ray; 0: predictions only.")] = 3,
-    db: Annotated[str | None, _Opt("--db", help="Study database, a SQLAlchemy URL (env QUANTPLAN_DATABASE_URL; "
-                                   "default: SQLite in the user data directory).")] = None,
+    db: Annotated[str | None, _Opt("--db", help="Study database, a SQLAlchemy URL (default: the project database: "
+                                   "QUANTPLAN_DATABASE_URL, the config file, else SQLite in the user data "
+                                   "dir).")] = None,
     study: Annotated[str | None, _Opt("--study", help="Study name (default: derived from the table, budget and "
                                       "space, so the same search resumes).")] = None,
     skip: Annotated[str | None, _Opt("--skip", help="Regex (re.search) of module names to keep unquantized; "
@@ -191,7 +192,7 @@ def run_pipeline(
     progress: bool = False,
 ) -> SearchReport:
     """Compile the problem, run the study, measure the top candidates; the best plan is the measured best
-    within budget and space (by perplexity), else the predicted best."""
+    within budget and space (least KL to the unquantized model), else the predicted best."""
     from search.problem import compile_problem
     from search.study import run_search
 
@@ -226,8 +227,37 @@ def _measure(report: SearchReport, inputs: SearchInputs, candidates: list[Candid
                              address=address, progress=progress)
     report.measured = {c.label: r.to_dict() for c, r in zip(candidates, results, strict=True)}
     fits = [c for c in candidates if c.under_budget and c.in_space]
-    if fits:
-        report.best = min(fits, key=lambda c: report.measured[c.label]["perplexity"])
+    if fits:  # KL: the measured loss increase with far less sampling noise than a perplexity difference
+        report.best = min(fits, key=lambda c: (report.measured[c.label]["kl"], report.measured[c.label]["perplexity"]))
+
+
+def demo_search(
+    net: Any,
+    model_name: str,
+    calibration: Any,
+    windows: Any,
+    *,
+    budget_bits: float = 4.25,
+    trials: int = 200,
+    storage: str | None = None,
+    workers: int = 1,
+    cache: bool = True,
+    progress: bool = False,
+) -> SearchReport:
+    """Sensitivity + search at `budget_bits` with int8 activations, for `quantplan demo`: the table (cached),
+    the study (project database unless `storage`) and the top 2 plans plus the baselines measured on `windows`."""
+    from quant.apply import layer_shapes
+    from search.budget import Budget
+    from search.space import SearchSpace
+    from search.study import StudySettings
+    from workers.pipeline import sensitivity_table
+
+    table, _ = sensitivity_table(net, calibration, model_name=model_name, workers=workers, cache=cache,
+                                 progress=progress)
+    inputs = SearchInputs(net, table, calibration.tokens, windows, layer_shapes(net))
+    return run_pipeline(inputs, Budget(avg_bits=budget_bits), SearchSpace(act_bits=8),
+                        StudySettings(trials=trials, storage=storage), eval_top=2, workers=workers,
+                        progress=progress)
 
 
 @contextmanager

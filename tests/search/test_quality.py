@@ -1,0 +1,66 @@
+"""Acceptance on stories260K: at 4.25 bits with int8 activations the searched plan beats fixed recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quant.apply import layer_shapes
+from quant.plan import Plan
+from search.budget import Budget
+from search.space import SearchSpace
+from search.study import StudySettings
+from service.search_cmd import SearchInputs, demo_search, run_pipeline
+from workers.pipeline import evaluate_plan
+from workers.tasks import evaluate_plans
+
+
+@pytest.fixture(scope="module")
+def report(stories_search, tmp_path_factory):
+    s = stories_search
+    inputs = SearchInputs(s.net, s.table, s.calib_tokens, s.windows, layer_shapes(s.net))
+    settings = StudySettings(trials=80, storage=f"sqlite:///{tmp_path_factory.mktemp('db') / 'q.db'}")
+    return run_pipeline(inputs, Budget(avg_bits=4.25), SearchSpace(act_bits=8), settings, eval_top=2, workers=2)
+
+
+@pytest.mark.parametrize("baseline", ["w4g128:a8-static", "fptq"])
+def test_searched_plan_beats_fixed_recipes_at_equal_or_smaller_size(report, baseline: str) -> None:
+    best, measured = report.best, report.measured
+    reference = next(c for c in report.result.references if c.recipe == baseline)
+    assert best.recipe is None or best.recipe == "knapsack"
+    assert best.under_budget and best.avg_bits <= 4.25 and best.bytes <= reference.bytes
+    assert measured[best.label]["perplexity"] < measured[baseline]["perplexity"]
+    assert measured[best.label]["kl"] < measured[baseline]["kl"]
+
+
+def test_other_baselines_are_measured_beside(report) -> None:
+    assert {"w4g128:a16", "w8:a8-static", "knapsack"} <= set(report.measured)
+    w8 = report.measured["w8:a8-static"]
+    assert w8["perplexity"] < report.measured["w4g128:a8-static"]["perplexity"]  # 8 bits: close to the base model
+
+
+def test_ray_evaluation_matches_in_process(stories_search) -> None:
+    s = stories_search
+    plans = [Plan.uniform("w8:a8-dynamic"), Plan.uniform("w4g64:a16")]
+    windows = s.windows[:4]
+    remote = evaluate_plans(s.net, plans, windows, s.calib_tokens[:8], workers=2)
+    local = [evaluate_plan(s.net, p, windows, s.calib_tokens[:8]) for p in plans]
+    assert [r.perplexity for r in remote] == pytest.approx([r.perplexity for r in local], rel=1e-5)
+    assert remote[0].kl < remote[1].kl and remote[0].base_perplexity == pytest.approx(local[0].base_perplexity)
+
+
+def test_plan_file_round_trips(report, tmp_path: Path) -> None:
+    plan = report.problem.plan(report.best)
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    shapes = {layer.name: layer.shape for layer in report.problem.layers}
+    assert loaded == plan and loaded.cost(shapes).avg_bits == pytest.approx(report.best.avg_bits)
+
+
+def test_demo_search_helper(stories_search, tmp_path: Path) -> None:
+    """What `quantplan demo` calls: table, study and measured rows in one step."""
+    s = stories_search
+    report = demo_search(s.net, str(s.model_dir), s.calibration, s.windows[:8], trials=20, cache=False,
+                         storage=f"sqlite:///{tmp_path / 'demo.db'}", workers=2)
+    assert report.best.avg_bits <= 4.25 and report.best.label in report.measured
+    assert {"fptq", "w4g128:a8-static"} <= {r["label"] for r in report.rows() if "perplexity" in r}

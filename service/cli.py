@@ -192,10 +192,15 @@ def demo_command(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain even if a cached model exists.")] = False,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2)] = 128,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate at most N windows.")] = None,
+    trials: Annotated[int, typer.Option("--trials", min=0, help="Search trials (the study resumes).")] = 200,
+    db: Annotated[str | None, typer.Option("--db", help="Study database URL (default: the project one).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Artifact directory (default: in the cache).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Build (once, cached) a small Llama model offline and print perplexity under standard schemes."""
+    """Build a small Llama offline, print its scheme table, search a 4.25-bit W4A8 plan, materialize and apply it."""
     from quant.plan import Plan
+    from service.search_cmd import demo_search
+    from workers.artifacts import materialize_plan
     from workers.data import calibration_set, eval_windows
     from workers.demo import DEFAULT_STEPS, build_demo_model
     from workers.evaluate import evaluate
@@ -211,12 +216,34 @@ def demo_command(
     for scheme in DEMO_SCHEMES:
         result = evaluate_plan(net, Plan.uniform(scheme), windows, calib.tokens, base_result=base, progress=True)
         rows.append(result.to_dict())
+    report = demo_search(net, str(demo.path), calib, windows, trials=trials, storage=db, progress=not json_out)
+    best = report.best
+    plan = report.problem.plan(best, meta={"source": "quantplan demo"})
+    artifact_dir = out or demo.path.parent / "artifact"
+    _, real = materialize_plan(net, plan, calib.tokens, artifact_dir, windows=windows, base_result=base, overwrite=True)
+    searched = {
+        **(real.to_dict() if real else {}),
+        "plan": f"searched: {best.label}",
+        "predicted_loss": best.predicted_loss,
+        "perplexity_simulated": report.measured.get(best.label, {}).get("perplexity"),
+        "artifact": str(artifact_dir),
+    }
     if json_out:
-        print_json({"model": str(demo.path), "data": demo.data_spec, "tokens": base.tokens, "rows": rows})
+        print_json(
+            {"model": str(demo.path), "data": demo.data_spec, "tokens": base.tokens, "rows": rows, "searched": searched}
+        )
         return
     stdout.print(
         table_view(
             f"demo model: perplexity on held-out text ({base.tokens:,} tokens)", EVAL_COLUMNS, rows, EVAL_FORMATS
+        )
+    )
+    stdout.print(
+        table_view(
+            "searched plan at 4.25 bits (W4A8), materialized and applied with the quantized kernels",
+            ("plan", "avg_bits", "bytes", "predicted_loss", "perplexity_simulated", "perplexity", "kl"),
+            [searched],
+            {**EVAL_FORMATS, "predicted_loss": ".4f", "perplexity_simulated": ".3f"},
         )
     )
 

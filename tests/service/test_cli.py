@@ -114,7 +114,8 @@ def test_console_script_prints_no_traceback(tmp_path) -> None:
 
 def test_demo_prints_the_scheme_table(capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("QUANTPLAN_CACHE_DIR", str(tmp_path))
-    code, out, _ = run_cli(capsys, "demo", "--steps", "20", "--samples", "4", "--json")
+    monkeypatch.setenv("QUANTPLAN_DATABASE_URL", f"sqlite:///{tmp_path / 'demo.db'}")
+    code, out, _ = run_cli(capsys, "demo", "--steps", "20", "--samples", "4", "--trials", "8", "--json")
     assert code == 0
     result = json.loads(out)
     plans = [row["plan"] for row in result["rows"]]
@@ -127,3 +128,7 @@ def test_demo_prints_the_scheme_table(capsys, tmp_path, monkeypatch) -> None:
         else:
             assert 8 + 16 / 384 < row["avg_bits"] < 8 + 16 / 128  # per-channel: one fp16 scale per row
     assert fp32 < 1024  # trained: far below a uniform guess over the vocabulary
+    searched = result["searched"]  # the searched plan, materialized, applied with the kernels and measured
+    assert searched["avg_bits"] <= 4.25 + 1e-9
+    assert searched["perplexity"] == pytest.approx(searched["perplexity_simulated"], rel=0.005)
+    assert (Path(searched["artifact"]) / "manifest.json").is_file()

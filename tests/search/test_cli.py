@@ -5,21 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from quant.plan import Plan
 from search.synthetic import synthetic_table, write_table_file
-from service.cli import main
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.service.test_cli import run_cli
 
 
 def _args(s, tmp_path: Path, *extra: str) -> list[str]:

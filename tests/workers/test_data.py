@@ -80,13 +80,14 @@ def test_round_trip(form: str, wikitext_dir: Path, stories: tuple[Path, Path]) -
 
 
 def test_relative_paths_become_absolute(stories_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(stories_dir)
+    real = stories_dir.resolve()  # the working directory is reported without symlinks
+    monkeypatch.chdir(real)
     spec = DataSpec.parse(f"text:{STORY_FILES[0]}")
-    assert spec.paths == (str(stories_dir / STORY_FILES[0]),)
-    monkeypatch.chdir(stories_dir.parent.parent)
+    assert spec.paths == (str(real / STORY_FILES[0]),)
+    monkeypatch.chdir(real.parent.parent)
     assert DataSpec.parse(str(spec)) == spec
     wiki = DataSpec.parse(f"wikitext2:{os.curdir}{os.sep}wikitext2")
-    assert wiki.paths == (str(stories_dir.parent.parent / "wikitext2"),)
+    assert wiki.paths == (str(real.parent.parent / "wikitext2"),)
 
 
 @pytest.mark.parametrize(

@@ -241,9 +241,10 @@ def demo_command(
     stdout.print(
         table_view(
             "searched plan at 4.25 bits (W4A8), materialized and applied with the quantized kernels",
-            ("plan", "avg_bits", "bytes", "predicted_loss", "perplexity_simulated", "perplexity", "kl"),
-            [searched],
-            {**EVAL_FORMATS, "predicted_loss": ".4f", "perplexity_simulated": ".3f"},
+            ("plan", "avg_bits", "pred_loss", "ppl_sim", "ppl_real", "kl"),
+            [searched | {"pred_loss": searched["predicted_loss"], "ppl_sim": searched["perplexity_simulated"],
+                         "ppl_real": searched.get("perplexity")}],
+            {**EVAL_FORMATS, "pred_loss": ".4f", "ppl_sim": ".3f", "ppl_real": ".3f"},
         )
     )
 

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import reduce
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
 import torch
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 RAY_ADDRESS_ENV = "QUANTPLAN_RAY_ADDRESS"
 MAX_RETRIES = 2  # a task runs at most 3 times before the computation fails with its error
-T = TypeVar("T")
 
 
 class RayError(QuantPlanError):
@@ -133,12 +132,11 @@ def compute_sensitivity(
     shards = _shards(tokens, micro_batch, 2 * workers)
     model_ref = ray.put(model.eval())
     with _progress(progress) as track:
-        stats = _reduce(track("activation statistics", [
-            _stats_task.options(**opts).remote(model_ref, s, threads) for s in shards]), ActStats.merge)
+        stats = reduce(ActStats.merge, track("activation statistics", [
+            _stats_task.options(**opts).remote(model_ref, s, threads) for s in shards]))
         params = layer_act_params(model, stats)
-        sums = _reduce(track("Fisher pass", [
-            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, threads) for s in shards]),
-            FisherSums.merge)
+        sums = reduce(FisherSums.merge, track("Fisher pass", [
+            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, threads) for s in shards]))
         chunks = _layer_chunks(model, sums, 2 * workers)
         costs: dict[str, dict[str, WeightCost]] = {}
         for part in track("weight costs", [_weight_task.options(**opts).remote(c, threads) for c in chunks]):
@@ -165,10 +163,6 @@ def _layer_chunks(model: nn.Module, sums: FisherSums, n: int) -> list[list[tuple
         chunks[i].append((name, w, sums.fisher[name] / max(sums.batches, 1)))
         sizes[i] += w.numel()
     return [c for c in chunks if c]
-
-
-def _reduce(parts: Sequence[T], merge: Callable[[T, T], T]) -> T:
-    return reduce(merge, parts)
 
 
 @contextmanager

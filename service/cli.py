@@ -11,6 +11,7 @@ from quant.errors import QuantPlanError
 from service.artifact_cmd import apply_command, materialize_command
 from service.console import print_error, print_json, setup_logging, stderr, stdout
 from service.console import table as table_view
+from service.jobs_cmd import export_command, leaderboard_command, run_command, runner_command, show_command
 from service.search_cmd import search_command
 
 app = typer.Typer(
@@ -270,6 +271,11 @@ def convert_llama2c_command(
 app.command("materialize")(materialize_command)
 app.command("apply")(apply_command)
 app.command("search")(search_command)
+app.command("run")(run_command)
+app.command("runner")(runner_command)
+app.command("leaderboard")(leaderboard_command)
+app.command("show")(show_command)
+app.command("export")(export_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -301,6 +301,37 @@ class Repository:
             )
             return None if claimed is None else _record(JobRecord, s.get(Job, claimed, populate_existing=True))
 
+    def claim_job(self, job_id: int, runner: str) -> JobRecord | None:
+        """Claim one given queued job (e.g. the job `quantplan run` just created); None if it is not queued."""
+        _check(bool(runner), "a runner id must be a non-empty string")
+        with self.session() as s:
+            now = utcnow()
+            claimed = s.scalar(
+                update(Job).where(Job.id == job_id, Job.status == "queued")
+                .values(status="running", runner=runner, attempts=Job.attempts + 1, heartbeat_at=now,
+                        started_at=func.coalesce(Job.started_at, now), updated_at=now)
+                .returning(Job.id)
+            )
+            if claimed is None:
+                self._job(s, job_id)  # a missing job is NotFoundError, not None
+                return None
+            return _record(JobRecord, s.get(Job, claimed, populate_existing=True))
+
+    def release_job(self, job_id: int, runner: str, error: str, *, max_attempts: int = 3) -> JobRecord:
+        """Give an owned job back after a transient failure: queued again (keeping its stage, so the next claim
+        resumes), or failed with `error` once it has used `max_attempts` claims."""
+        _check(max_attempts >= 1, f"max_attempts must be >= 1, got {max_attempts}")
+        with self.session() as s:
+            job = self._owned(s, job_id, runner)
+            if job.attempts >= max_attempts:
+                job.status, job.finished_at = "failed", utcnow()
+                job.error = f"gave up after {job.attempts} attempts; last error: {error}"
+            else:
+                job.status, job.error = "queued", error
+            job.runner, job.heartbeat_at = None, None
+            s.flush()
+            return _record(JobRecord, job)
+
     def heartbeat(self, job_id: int, runner: str) -> bool:
         """Refresh the heartbeat of a job `runner` owns; False when its cancellation was requested."""
         with self.session() as s:

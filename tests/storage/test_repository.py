@@ -155,6 +155,26 @@ def test_requeue_stale_jobs_then_fail_after_max_attempts(repo: Repository) -> No
     assert repo.claim_next_job("r4") is None
 
 
+def test_claim_a_given_job_and_release_it_until_it_fails(repo: Repository) -> None:
+    first = repo.create_job({"model": "a"}).id
+    second = repo.create_job({"model": "b"}).id
+    job = repo.claim_job(second, "r1")  # not the oldest: the one asked for
+    assert (job.id, job.status, job.runner, job.attempts) == (second, "running", "r1", 1)
+    assert repo.claim_job(second, "r2") is None  # already running
+    with pytest.raises(NotFoundError):
+        repo.claim_job(999_999, "r1")
+    repo.update_job(second, "r1", stage="search")
+    job = repo.release_job(second, "r1", "ray worker died", max_attempts=2)
+    assert (job.status, job.runner, job.stage, job.error) == ("queued", None, "search", "ray worker died")
+    with pytest.raises(JobStateError):
+        repo.release_job(second, "r1", "again")  # no longer owned
+    assert repo.claim_job(second, "r2").attempts == 2
+    job = repo.release_job(second, "r2", "ray worker died again", max_attempts=2)
+    assert job.status == "failed" and job.finished_at is not None
+    assert job.error == "gave up after 2 attempts; last error: ray worker died again"
+    assert repo.get_job(first).status == "queued"
+
+
 def test_requeue_of_a_cancel_requested_job_cancels_it(repo: Repository) -> None:
     job_id = _running_job(repo)
     repo.cancel_job(job_id)

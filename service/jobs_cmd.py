@@ -1,0 +1,276 @@
+"""Local-mode job commands: `run`, `runner`, `leaderboard`, `show`, `export` (the project database, no server).
+
+`run` stores a job and executes it in this process with the same runner a server uses; `runner` is that runner
+as a long-lived process (it claims queued jobs until stopped). The others read what jobs stored.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from quant.errors import QuantPlanError
+from service.console import print_json, stderr, stdout
+from service.console import table as table_view
+from service.views import PLAN_COLUMNS, PLAN_FORMATS, job_view, leaderboard_view, plan_row, plan_view
+
+log = logging.getLogger("service.jobs")
+
+_Opt = typer.Option
+JsonOpt = Annotated[bool, _Opt("--json", help="Print one JSON document on stdout instead of a table.")]
+DbOpt = Annotated[str | None, _Opt("--db", help="Database URL (default: QUANTPLAN_DATABASE_URL, the config file, "
+                                   "else SQLite in the user data dir).")]
+ArtifactsOpt = Annotated[str | None, _Opt("--artifacts", help="Artifact store: a directory or fsspec URL (default: "
+                                          "QUANTPLAN_ARTIFACTS, else the user data dir).")]
+RayOpt = Annotated[str | None, _Opt("--ray-address", help="Ray cluster address (env QUANTPLAN_RAY_ADDRESS); "
+                                    "default: a local Ray instance.")]
+
+
+def open_storage(db: str | None, artifacts: str | None = None, ray_address: str | None = None) -> tuple[Any, Any]:
+    """The repository (migrated) and the artifact store from settings, with command-line overrides."""
+    from storage import Repository, load_settings, open_store
+
+    overrides = {k: v for k, v in (("database_url", db), ("artifacts", artifacts), ("ray_address", ray_address))
+                 if v is not None}
+    settings = load_settings(**overrides)
+    return Repository(settings=settings), open_store(settings.artifacts)
+
+
+def run_command(
+    model: Annotated[str, _Opt("--model", "-m", help="Hugging Face id or local model directory.")],
+    data: Annotated[str, _Opt("--data", "-d", help="Calibration and evaluation data: wikitext2 | "
+                                                   "wikitext2:<dir> | text:<file>[,<file>...]")],
+    budget_bits: Annotated[float | None, _Opt("--budget-bits", help="Average bits per weight (scales included).")]
+    = None,
+    budget_mb: Annotated[float | None, _Opt("--budget-mb", help="Bytes of the quantizable weights, in MB.")] = None,
+    eval_data: Annotated[str | None, _Opt("--eval-data", help="Held-out data (default: --data, test split).")]
+    = None,
+    act_bits: Annotated[int, _Opt("--act-bits", help="8 (W4A8/W8A8) or 16 (weight-only).")] = 8,
+    trials: Annotated[int, _Opt("--trials", min=0, help="Optuna trials.")] = 100,
+    eval_top: Annotated[int, _Opt("--eval-top", min=0, help="Measure the K best Pareto plans and the "
+                                  "baselines.")] = 2,
+    materialize_top: Annotated[int, _Opt("--materialize-top", min=0, help="Materialize the K best measured "
+                                         "plans.")] = 1,
+    samples: Annotated[int, _Opt("--samples", min=1, help="Calibration windows.")] = 64,
+    seq_len: Annotated[int | None, _Opt("--seq-len", min=2, help="Window length (default: min(512, max)).")] = None,
+    eval_samples: Annotated[int | None, _Opt("--eval-samples", min=1, help="Evaluate at most N windows.")] = None,
+    skip: Annotated[str | None, _Opt("--skip", help="Regex of module names to keep unquantized.")] = None,
+    max_dynamic_share: Annotated[float | None, _Opt("--max-dynamic-share", min=0.0, max=1.0)] = None,
+    space: Annotated[str, _Opt("--space", help="structured | per-layer")] = "structured",
+    symmetry: Annotated[str, _Opt("--symmetry", help="sym | asym | both")] = "both",
+    weights: Annotated[str | None, _Opt("--weights", help="Only these weight schemes, comma-separated.")] = None,
+    seed: Annotated[int, _Opt("--seed")] = 0,
+    workers: Annotated[int, _Opt("--workers", min=1, help="Parallel Ray workers.")] = 1,
+    dtype: Annotated[str, _Opt("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
+    db: DbOpt = None,
+    artifacts: ArtifactsOpt = None,
+    ray_address: RayOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a whole search job in this process and store it: sensitivity, search, materialize, evaluate."""
+    from service.jobs import JobSpec
+
+    given = {"model": model, "data": data, "budget_bits": budget_bits, "budget_mb": budget_mb,
+             "eval_data": eval_data, "act_bits": act_bits, "trials": trials, "eval_top": eval_top,
+             "materialize_top": materialize_top, "samples": samples, "seq_len": seq_len,
+             "eval_samples": eval_samples, "skip": skip, "max_dynamic_share": max_dynamic_share, "space": space,
+             "symmetry": symmetry, "weights": _split(weights), "seed": seed, "workers": workers, "dtype": dtype}
+    spec = JobSpec.parse({k: v for k, v in given.items() if v is not None})
+    repo, store = open_storage(db, artifacts, ray_address)
+    job = run_local_job(repo, store, spec, progress=not json_out)
+    _report_job(repo, job, json_out)
+
+
+def run_local_job(repo: Any, store: Any, spec: Any, *, progress: bool = False) -> Any:
+    """Store `spec` as a job and run it here; the final job record (a failed job raises its error)."""
+    from service.runner import Runner
+
+    job = repo.create_job(spec.to_json(), submitter=_user())
+    stderr.print(f"job {job.id} stored in {repo.db.url.split('@')[-1]}", highlight=False)
+    job = Runner(repo, store, progress=progress).run_job(job.id)
+    if job.status != "succeeded":
+        raise QuantPlanError(f"job {job.id} {job.status}: {job.error or 'no error recorded'}")
+    return job
+
+
+def _report_job(repo: Any, job: Any, json_out: bool) -> None:
+    plans = [plan_view(p) for p in repo.plans_for_job(job.id)]
+    if json_out:
+        print_json({"job": job_view(job), "plans": plans})
+        return
+    shown = sorted(plans, key=lambda v: (v["perplexity"] is None, v["perplexity"] or 0.0, v["bytes"]))
+    stdout.print(table_view(f"job {job.id} {job.status}: {len(plans)} plans stored", PLAN_COLUMNS,
+                            [plan_row(v) for v in shown[:20]], PLAN_FORMATS))
+
+
+def runner_command(
+    db: DbOpt = None,
+    artifacts: ArtifactsOpt = None,
+    ray_address: RayOpt = None,
+    poll: Annotated[float, _Opt("--poll", min=0.05, help="Seconds between polls of an empty queue.")] = 2.0,
+    heartbeat: Annotated[float, _Opt("--heartbeat", min=0.05, help="Seconds between heartbeats of a job.")] = 10.0,
+    stale_after: Annotated[float, _Opt("--stale-after", min=0.1, help="Requeue a running job whose heartbeat is "
+                                       "older than this (seconds).")] = 120.0,
+    max_attempts: Annotated[int, _Opt("--max-attempts", min=1, help="Claims before a failing job is failed.")] = 3,
+    max_jobs: Annotated[int | None, _Opt("--max-jobs", min=1, help="Exit after running N jobs.")] = None,
+    once: Annotated[bool, _Opt("--once", help="Run at most one queued job, then exit.")] = False,
+) -> None:
+    """Claim and run queued jobs until stopped (Ctrl-C / SIGTERM finish the current stage check and exit)."""
+    from service.runner import Runner, RunnerConfig
+
+    repo, store = open_storage(db, artifacts, ray_address)
+    config = RunnerConfig(heartbeat, stale_after, max_attempts, repo.settings.ray_address)
+    runner = Runner(repo, store, config=config)
+    if once:
+        job = runner.run_once()
+        stderr.print("queue empty" if job is None else f"job {job.id} {job.status}", highlight=False)
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ran = runner.serve(stop, poll=poll, max_jobs=max_jobs)
+    stderr.print(f"runner {runner.id} stopped after {ran} job(s)", highlight=False)
+
+
+def leaderboard_command(
+    model: Annotated[str, _Opt("--model", "-m", help="Model name (as submitted), fingerprint or id.")],
+    max_bits: Annotated[float | None, _Opt("--max-bits", help="Only plans with at most this many average bits.")]
+    = None,
+    max_bytes: Annotated[int | None, _Opt("--max-bytes", min=0, help="Only plans of at most this many bytes.")]
+    = None,
+    act_bits: Annotated[int | None, _Opt("--act-bits", help="Only plans with these activation bits (8 or 16).")]
+    = None,
+    sort: Annotated[str, _Opt("--sort", help="A metric (perplexity, kl, ...) or avg_bits, bytes, "
+                              "predicted_loss, created_at.")] = "perplexity",
+    order: Annotated[str, _Opt("--order", help="asc | desc")] = "asc",
+    dataset: Annotated[str | None, _Opt("--dataset", help="Sort by the metric on this dataset.")] = None,
+    pareto_only: Annotated[bool, _Opt("--pareto-only", help="Only plans on a job's Pareto front.")] = False,
+    limit: Annotated[int, _Opt("--limit", min=1, max=1000)] = 20,
+    offset: Annotated[int, _Opt("--offset", min=0)] = 0,
+    server: Annotated[str | None, _Opt("--server", envvar="QUANTPLAN_SERVER", help="Query this QuantPlan "
+                                       "server instead of the local database.")] = None,
+    token: Annotated[str | None, _Opt("--token", envvar="QUANTPLAN_TOKEN", help="Bearer token for --server.")]
+    = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The best stored plans of a model: filtered, sorted, paged."""
+    query = {"model": model, "max_avg_bits": max_bits, "max_bytes": max_bytes, "act_bits": act_bits, "sort": sort,
+             "order": order, "dataset": dataset, "pareto_only": pareto_only, "limit": limit, "offset": offset}
+    if server:
+        from service.client import Client
+
+        view = Client(server, token).leaderboard(**query)
+    else:
+        repo, _ = open_storage(db)
+        view = leaderboard_view(model, repo.leaderboard(**query))
+    print_leaderboard(view, json_out)
+
+
+def print_leaderboard(view: dict[str, Any], json_out: bool = False) -> None:
+    if json_out:
+        print_json(view)
+        return
+    shown = len(view["plans"])
+    title = (f"{view['model']}: plans {view['offset'] + 1 if shown else 0}-{view['offset'] + shown} of "
+             f"{view['total']}")
+    stdout.print(table_view(title, PLAN_COLUMNS, [plan_row(v) for v in view["plans"]], PLAN_FORMATS))
+
+
+def show_command(
+    plan_id: Annotated[int, typer.Argument(help="Plan id (from the leaderboard).")],
+    plan_json: Annotated[Path | None, _Opt("--plan-json", help="Also write the plan JSON to this file.")] = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """One stored plan: cost, prediction, metrics, artifacts and its schemes."""
+    from quant.plan import atomic_write_text
+    from service.views import plan_view
+
+    repo, _ = open_storage(db)
+    view = plan_view(repo.get_plan(plan_id), full=True)
+    if plan_json is not None:
+        import json
+
+        atomic_write_text(plan_json, json.dumps(view["plan"], indent=2) + "\n")
+    if json_out:
+        print_json(view)
+        return
+    print_plan(view)
+
+
+def print_plan(view: dict[str, Any]) -> None:
+    row = plan_row(view)
+    stdout.print(table_view(f"plan {view['id']} (job {view['job_id']})", PLAN_COLUMNS[2:], [row], PLAN_FORMATS))
+    metrics = [{"metric": m["name"], "dataset": m["dataset"] or "-", "value": m["value"]} for m in view["metrics"]]
+    if metrics:
+        stdout.print(table_view("metrics", ("metric", "dataset", "value"), metrics, {"value": ".5g"}))
+    schemes = [{"scheme": s, "layers": n} for s, n in view["schemes"].items()]
+    stdout.print(table_view("schemes", ("scheme", "layers"), schemes, {}))
+    for a in view["artifacts"]:
+        stderr.print(f"artifact {a['kind']}: {a['bytes']:,} bytes, sha256 {a['sha256']}; "
+                     f"`quantplan export {view['id']} -o DIR` writes it", highlight=False)
+
+
+def export_command(
+    plan_id: Annotated[int, typer.Argument(help="Plan id (from the leaderboard).")],
+    out: Annotated[Path, _Opt("--out", "-o", help="Directory to create with the artifact (plan.json, "
+                              "quantized.safetensors, manifest.json).")],
+    overwrite: Annotated[bool, _Opt("--overwrite", help="Replace an existing directory.")] = False,
+    db: DbOpt = None,
+    artifacts: ArtifactsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a plan's materialized artifact to a directory (sha256 verified), ready for `quantplan apply`."""
+    repo, store = open_storage(db, artifacts)
+    plan = repo.get_plan(plan_id)
+    packed = next((a for a in plan.artifacts if a.kind == "packed"), None)
+    if packed is None:
+        raise QuantPlanError(f"plan {plan_id} was not materialized; write its plan with `quantplan show {plan_id} "
+                             "--plan-json plan.json` and run `quantplan materialize --plan plan.json ...`")
+    path = extract_artifact(store, packed.sha256, out, overwrite=overwrite)
+    model = repo.get_model(plan.model_id)
+    result = {"plan_id": plan_id, "out": str(path), "sha256": packed.sha256, "bytes": packed.bytes,
+              "model": model.name}
+    if json_out:
+        print_json(result)
+        return
+    stderr.print(f"wrote {path} (sha256 {packed.sha256[:12]}, verified); apply it with: "
+                 f"quantplan apply {path} --model {model.name}", highlight=False, soft_wrap=True)
+
+
+def extract_artifact(store: Any, sha256: str, out: Path, *, overwrite: bool = False) -> Path:
+    """Unpack a stored archive into `out` atomically: a sibling temporary directory renamed into place."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantPlanError(f"{out} already exists; choose a new directory or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        store.extract_dir(sha256, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None

@@ -193,15 +193,18 @@ def demo_command(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Retrain even if a cached model exists.")] = False,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2)] = 128,
     samples: Annotated[int | None, typer.Option("--samples", min=1, help="Evaluate at most N windows.")] = None,
-    trials: Annotated[int, typer.Option("--trials", min=0, help="Search trials (the study resumes).")] = 200,
-    db: Annotated[str | None, typer.Option("--db", help="Study database URL (default: the project one).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Artifact directory (default: in the cache).")] = None,
+    trials: Annotated[int, typer.Option("--trials", min=0, help="Search trials of the demo's job.")] = 200,
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: the project database).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Export the artifact here (default: in the cache).")]
+    = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Build a small Llama offline, print its scheme table, search a 4.25-bit W4A8 plan, materialize and apply it."""
+    """Build a small Llama offline, print its scheme table, run a stored 4.25-bit W4A8 search job (sensitivity,
+    search, materialize, apply), and end with the model's leaderboard."""
     from quant.plan import Plan
-    from service.search_cmd import demo_search
-    from workers.artifacts import materialize_plan
+    from service.jobs import JobSpec
+    from service.jobs_cmd import extract_artifact, open_storage, print_leaderboard, run_local_job
+    from service.views import leaderboard_view, plan_view
     from workers.data import calibration_set, eval_windows
     from workers.demo import DEFAULT_STEPS, build_demo_model
     from workers.evaluate import evaluate
@@ -217,37 +220,48 @@ def demo_command(
     for scheme in DEMO_SCHEMES:
         result = evaluate_plan(net, Plan.uniform(scheme), windows, calib.tokens, base_result=base, progress=True)
         rows.append(result.to_dict())
-    report = demo_search(net, str(demo.path), calib, windows, trials=trials, storage=db, progress=not json_out)
-    best = report.best
-    plan = report.problem.plan(best, meta={"source": "quantplan demo"})
-    artifact_dir = out or demo.path.parent / "artifact"
-    _, real = materialize_plan(net, plan, calib.tokens, artifact_dir, windows=windows, base_result=base, overwrite=True)
+    if not json_out:
+        stdout.print(table_view(f"demo model: perplexity on held-out text ({base.tokens:,} tokens)", EVAL_COLUMNS,
+                                rows, EVAL_FORMATS))
+
+    # the search as a stored job, run here by the same runner a server uses
+    repo, store = open_storage(db)
+    spec = JobSpec(model=str(demo.path), data=demo.calib_spec, eval_data=demo.data_spec, budget_bits=4.25,
+                   trials=trials, eval_top=2, samples=32, seq_len=seq_len, eval_samples=samples)
+    job = run_local_job(repo, store, spec, progress=not json_out)
+    best = next(p for p in repo.plans_for_job(job.id) if any(a.kind == "packed" for a in p.artifacts))
+    packed = next(a for a in best.artifacts if a.kind == "packed")
+    artifact_dir = extract_artifact(store, packed.sha256, out or demo.path.parent / "artifact", overwrite=True)
+    view = plan_view(best)
     searched = {
-        **(real.to_dict() if real else {}),
-        "plan": f"searched: {best.label}",
+        "plan": f"searched: {view['label']}",
+        "plan_id": best.id,
+        "avg_bits": best.avg_bits,
+        "bytes": best.bytes,
         "predicted_loss": best.predicted_loss,
-        "perplexity_simulated": report.measured.get(best.label, {}).get("perplexity"),
+        "perplexity": best.metric("perplexity"),
+        "kl": best.metric("kl"),
+        "perplexity_simulated": best.metric("perplexity_simulated"),
         "artifact": str(artifact_dir),
     }
+    board = leaderboard_view(str(demo.path), repo.leaderboard(str(demo.path), act_bits=8, sort="perplexity",
+                                                              limit=10))
     if json_out:
-        print_json(
-            {"model": str(demo.path), "data": demo.data_spec, "tokens": base.tokens, "rows": rows, "searched": searched}
-        )
+        print_json({"model": str(demo.path), "data": demo.data_spec, "tokens": base.tokens, "rows": rows,
+                    "job": job.id, "searched": searched, "leaderboard": board})
         return
     stdout.print(
         table_view(
-            f"demo model: perplexity on held-out text ({base.tokens:,} tokens)", EVAL_COLUMNS, rows, EVAL_FORMATS
-        )
-    )
-    stdout.print(
-        table_view(
-            "searched plan at 4.25 bits (W4A8), materialized and applied with the quantized kernels",
+            f"job {job.id}: the searched plan at 4.25 bits (W4A8), materialized and applied with the quantized kernels",
             ("plan", "avg_bits", "pred_loss", "ppl_sim", "ppl_real", "kl"),
             [searched | {"pred_loss": searched["predicted_loss"], "ppl_sim": searched["perplexity_simulated"],
-                         "ppl_real": searched.get("perplexity")}],
+                         "ppl_real": searched["perplexity"]}],
             {**EVAL_FORMATS, "pred_loss": ".4f", "ppl_sim": ".3f", "ppl_real": ".3f"},
         )
     )
+    stderr.print(f"artifact exported to {artifact_dir}; apply it with: quantplan apply {artifact_dir} "
+                 f"--model {demo.path}", highlight=False, soft_wrap=True)
+    print_leaderboard(board)
 
 
 @app.command("convert-llama2c")

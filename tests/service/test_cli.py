@@ -132,3 +132,7 @@ def test_demo_prints_the_scheme_table(capsys, tmp_path, monkeypatch) -> None:
     assert searched["avg_bits"] <= 4.25 + 1e-9
     assert searched["perplexity"] == pytest.approx(searched["perplexity_simulated"], rel=0.005)
     assert (Path(searched["artifact"]) / "manifest.json").is_file()
+    board = result["leaderboard"]  # the run is stored: its plans are on the model's leaderboard
+    assert board["total"] >= 2 and all(p["job_id"] == result["job"] for p in board["plans"])
+    ppls = [p["perplexity"] for p in board["plans"] if p["perplexity"] is not None]
+    assert ppls == sorted(ppls) and searched["perplexity"] in ppls

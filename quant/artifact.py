@@ -3,10 +3,17 @@
 An artifact is a directory (docs/ARTIFACTS.md is the contract):
 
     plan.json               the plan, as given
-    quantized.safetensors   per quantized layer: codes, scales, zeros, bias, act_scale, inv_pre_scale;
-                            per folded norm: weight, bias, equalization (s); metadata: format, version, layers, norms
-    manifest.json           format and version, base model identity and fingerprint, the plan's cost, the sha256 of
-                            the other files, measured metrics, and the sha256 of the manifest itself
+    quantized.safetensors   one flat tensor per kind, concatenated over the quantized layers in name order: codes,
+                            scales, zeros, act_scale, inv_pre_scale; equalization (s) over the folded norms in
+                            name order; metadata: format, version, packed format, index_sha256
+    manifest.json           format and version, base model identity and fingerprint, the plan's cost, the layers and
+                            folded norms (the index), the sha256 of the other files, measured metrics, and the sha256
+                            of the manifest itself
+
+A layer's pieces follow from its scheme, its shape in the base model and whether a norm took its s, so the file
+needs no per-layer tensor entries (whose safetensors header would outweigh the scales of a small model): a reader
+cuts them back out in the same order. Biases and folded norms are not stored: the fingerprinted base model holds
+the biases, and `load_quantized` divides the base norm by the stored s exactly as `apply_plan` did.
 
 `materialize` runs `apply_plan` with `QuantLinear.from_float` as the module factory, so the artifact holds exactly
 what the fake-quant simulation simulates. `load_quantized` checks the format, every checksum and the base model's
@@ -25,7 +32,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +49,8 @@ from quant.fingerprint import model_fingerprint
 from quant.kernels.dispatch import select_kernel
 from quant.kernels.runtime import UnsupportedSchemeError
 from quant.modules import LINEAR_TYPES, FakeQuantLinear, linear_shape
-from quant.packing import FORMAT_NAME, FORMAT_VERSION, PackedWeight
+from quant.packing import FORMAT_NAME, FORMAT_VERSION, PackedWeight, packed_shapes
+from quant.packing import check_format as check_packed_format
 from quant.plan import LayerSpec, Plan, PlanCost, atomic_write_text
 from quant.qlinear import QuantLinear
 from quant.schemes import LayerScheme
@@ -50,15 +58,15 @@ from quant.schemes import LayerScheme
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "quantplan.artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 1: one safetensors entry per layer tensor and folded norm; 2: flat tensors per kind
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "quantized.safetensors"
 MANIFEST_FILE = "manifest.json"
 CHECKSUM_KEY = "manifest_sha256"
 HASHED_FILES = (PLAN_FILE, WEIGHTS_FILE)  # the manifest lists these; it checks itself with CHECKSUM_KEY
-LAYER_TENSORS = ("codes", "scales", "zeros", "bias", "act_scale", "inv_pre_scale")
 PACKED_TENSORS = ("codes", "scales", "zeros")
-NORM_TENSORS = ("weight", "bias", "equalization")
+LAYER_TENSORS = (*PACKED_TENSORS, "act_scale", "inv_pre_scale")  # stored per quantized layer, in this order
+FLAT_TENSORS = (*LAYER_TENSORS, "equalization")  # the tensors of the weights file; equalization: per folded norm
 
 Measure = Callable[[Path], Mapping[str, Any]]
 
@@ -147,7 +155,7 @@ def materialize(
     base_model = {**_default_identity(model, plan), **(model_info or {}), "fingerprint": fingerprint}
     with _staging(out, overwrite) as tmp:
         atomic_write_text(tmp / PLAN_FILE, plan.to_json())
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=_weights_metadata(layers, report.folded))
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=_weights_metadata(_index(layers, report.folded)))
         files = {name: _file_entry(tmp / name) for name in HASHED_FILES}
         _write_manifest(tmp, _manifest(base_model, report, layers, tensors, files, calibration))
         if measure is not None:
@@ -163,44 +171,61 @@ def _default_identity(model: nn.Module, plan: Plan) -> dict[str, Any]:
     return {"name": name, "revision": plan.model.revision, "architecture": type(model).__name__}
 
 
-def _artifact_tensors(
-    work: nn.Module, report: ApplyReport
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """The tensors of every QuantLinear and folded norm of `work`, and each layer's scheme and in_features."""
+def _artifact_tensors(work: nn.Module, report: ApplyReport) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The flat tensors of the weights file, and each quantized layer's scheme (layers in name order)."""
     modules = dict(work.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    for name in report.replaced:
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in FLAT_TENSORS}
+    layers: dict[str, str] = {}
+    folded = {n for consumers in report.folded.values() for n in consumers}
+    for name in sorted(report.replaced):
         layer = modules[name]
         assert isinstance(layer, QuantLinear), f"{name} was built by QuantLinear.from_float"
-        layers[name] = {"scheme": str(layer.scheme), "in_features": layer.in_features}
-        tensors |= _named(name, {k: getattr(layer, k) for k in LAYER_TENSORS})
-    for norm in report.folded:
-        module = modules[norm]
-        s = report.norm_scales[norm]
-        tensors |= _named(norm, {"weight": module.weight, "bias": getattr(module, "bias", None), "equalization": s})
-    return tensors, layers
+        keys = (*layer.packed.tensors(), *_layer_extras(layer.scheme, name in folded))
+        held = [k for k in LAYER_TENSORS if getattr(layer, k) is not None]
+        assert held == list(keys), f"{name} holds {held}; the layout stores {keys}"
+        layers[name] = str(layer.scheme)
+        for key in keys:
+            parts[key].append(getattr(layer, key))
+    for norm in sorted(report.folded):
+        parts["equalization"].append(report.norm_scales[norm].float())  # fp32, as apply_plan made it
+    return {k: _concat(k, pieces) for k, pieces in parts.items() if pieces}, layers
 
 
-def _named(prefix: str, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": t.detach().cpu().contiguous() for k, t in tensors.items() if t is not None}
+def _layer_extras(scheme: LayerScheme, folded: bool) -> tuple[str, ...]:
+    """What a layer stores beside its packed weight: a static activation scale, and 1/s unless a norm took s."""
+    act_scale = ("act_scale",) if scheme.act.needs_calibration else ()
+    return act_scale + (("inv_pre_scale",) if scheme.act.equalized and not folded else ())
 
 
-def _weights_metadata(layers: Mapping[str, Any], norms: Mapping[str, list[str]]) -> dict[str, str]:
+def _concat(key: str, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    dtypes = sorted({str(t.dtype) for t in pieces})
+    if len(dtypes) > 1:
+        raise ArtifactError(
+            f"the quantized layers store {key} in several dtypes ({', '.join(dtypes)}): load the model in one dtype "
+            "(--dtype) and materialize again"
+        )
+    return torch.cat([t.detach().reshape(-1).cpu() for t in pieces])
+
+
+def _index(layers: Mapping[str, str], folded: Mapping[str, list[str]]) -> dict[str, Any]:
+    """What lays out the flat tensors: layer -> scheme and norm -> the layers sharing its s, as the manifest lists."""
+    return {"layers": dict(layers), "norms": {norm: list(consumers) for norm, consumers in folded.items()}}
+
+
+def _weights_metadata(index: Mapping[str, Any]) -> dict[str, str]:
     return {
         "format": ARTIFACT_FORMAT,
         "version": str(ARTIFACT_VERSION),
         "packed_format": FORMAT_NAME,
         "packed_version": str(FORMAT_VERSION),
-        "layers": json.dumps(layers, separators=(",", ":")),
-        "norms": json.dumps(norms, separators=(",", ":")),
+        "index_sha256": hashlib.sha256(_canonical(index).encode()).hexdigest(),
     }
 
 
 def _manifest(
     base_model: Mapping[str, Any],
     report: ApplyReport,
-    layers: Mapping[str, Mapping[str, Any]],
+    layers: Mapping[str, str],
     tensors: Mapping[str, torch.Tensor],
     files: Mapping[str, Any],
     calibration: Any,
@@ -213,8 +238,7 @@ def _manifest(
         "packed_format": {"name": FORMAT_NAME, "version": FORMAT_VERSION},
         "calibration": _calibration_info(calibration),
         "cost": {"bytes": report.cost.bytes, "avg_bits": report.cost.avg_bits, "params": report.cost.params},
-        "layers": {name: info["scheme"] for name, info in layers.items()},
-        "norms": {norm: list(consumers) for norm, consumers in report.folded.items()},
+        **_index(layers, report.folded),
         "files": dict(files),
         "metrics": _size_metrics(report.cost, layers, tensors, files),
     }
@@ -233,7 +257,7 @@ def _size_metrics(
     cost: PlanCost, layers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], files: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Weight bytes as stored: packed layers from the file, layers kept at 16 bits as the cost model counts them."""
-    packed = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rpartition(".")[2] in PACKED_TENSORS)
+    packed = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in PACKED_TENSORS)
     kept = sum(c.bytes for name, c in cost.layers.items() if name not in layers)
     return {
         "bytes": packed + kept,
@@ -316,9 +340,11 @@ def _check_format(where: Path, fmt: Any, version: Any) -> None:
     if fmt != ARTIFACT_FORMAT:
         raise ArtifactError(f"{where} is not a QuantPlan artifact (format {fmt!r}, expected {ARTIFACT_FORMAT!r})")
     if str(version) != str(ARTIFACT_VERSION):
+        older = str(version).isdigit() and int(version) < ARTIFACT_VERSION
+        todo = "an older QuantPlan wrote it: materialize" if older else "upgrade quantplan, or materialize"
         raise ArtifactError(
             f"{where}: unknown artifact format version {version!r}; this QuantPlan reads version {ARTIFACT_VERSION}: "
-            "upgrade quantplan, or materialize the plan again with this one"
+            f"{todo} the plan again with this one"
         )
 
 
@@ -391,59 +417,85 @@ def _require_base(model: nn.Module) -> None:
 def _read_weights(
     info: ArtifactInfo, modules: Mapping[str, nn.Module], backend: str | None
 ) -> tuple[dict[str, QuantLinear], dict[str, dict[str, torch.Tensor]]]:
-    """Every QuantLinear and the folded norms' new weights, checked against the model's modules."""
+    """Every QuantLinear and the folded norms' new weights, cut out of the flat tensors in the manifest's order."""
     path = info.path / WEIGHTS_FILE
+    norms: dict[str, list[str]] = dict(info.manifest.get("norms") or {})
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         _check_format(path, meta.get("format"), meta.get("version"))
-        layers: dict[str, dict[str, Any]] = json.loads(meta["layers"])
-        if {n: v["scheme"] for n, v in layers.items()} != info.layers:
-            raise ArtifactError(f"{path} and its manifest list different layers: {_corrupted()}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
-        built = {n: _build_layer(n, v, meta, tensors, modules, backend) for n, v in layers.items()}
-        norms = {n: _norm_tensors(n, tensors, modules) for n in json.loads(meta["norms"])}
-    return built, norms
+        check_packed_format(meta.get("packed_format"), meta.get("packed_version"))
+        index = _index(info.layers, norms)
+        if meta.get("index_sha256") != hashlib.sha256(_canonical(index).encode()).hexdigest():
+            raise ArtifactError(f"{path} was laid out for other layers than its manifest lists: {_corrupted()}")
+        reader = _FlatReader(path, {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - not a mapping
+    packed_meta = {"format": meta["packed_format"], "version": meta["packed_version"]}
+    folded = {n for consumers in norms.values() for n in consumers}
+    built = {n: _build_layer(n, LayerScheme.parse(scheme), reader, modules, packed_meta, n in folded, backend)
+             for n, scheme in sorted(info.layers.items())}
+    new_norms = {n: _folded_norm(n, reader, modules) for n in sorted(norms)}
+    reader.finish()
+    return built, new_norms
+
+
+class _FlatReader:
+    """Cuts consecutive pieces out of the flat tensors of a weights file; refuses to run short or leave any over."""
+
+    def __init__(self, path: Path, flat: Mapping[str, torch.Tensor]) -> None:
+        odd = sorted(k for k, t in flat.items() if k not in FLAT_TENSORS or t.ndim != 1)
+        if odd:
+            raise ArtifactError(f"{path} holds tensors this format does not lay out ({', '.join(odd)}): {_corrupted()}")
+        self.path, self.flat, self.used = path, dict(flat), dict.fromkeys(flat, 0)
+
+    def take(self, key: str, shape: tuple[int, ...], owner: str) -> torch.Tensor:
+        """The next `shape` values of `key` (a copy: a view would keep, and save, the whole flat tensor)."""
+        flat, start, size = self.flat.get(key), self.used.get(key, 0), math.prod(shape)
+        if flat is None or start + size > flat.numel():
+            raise ArtifactError(
+                f"{self.path} ends before {owner}'s {key}: it does not hold the layers its manifest lists for this "
+                f"model: {_corrupted()}"
+            )
+        self.used[key] = start + size
+        return flat[start : start + size].reshape(shape).clone()
+
+    def finish(self) -> None:
+        left = {k: t.numel() - self.used[k] for k, t in self.flat.items() if t.numel() != self.used[k]}
+        if left:
+            raise ArtifactError(f"{self.path} holds values no layer uses ({left}): {_corrupted()}")
 
 
 def _build_layer(
     name: str,
-    info: Mapping[str, Any],
-    meta: Mapping[str, str],
-    tensors: Mapping[str, torch.Tensor],
+    scheme: LayerScheme,
+    reader: _FlatReader,
     modules: Mapping[str, nn.Module],
+    packed_meta: Mapping[str, str],
+    folded: bool,
     backend: str | None,
 ) -> QuantLinear:
     module = modules.get(name)
     if not isinstance(module, LINEAR_TYPES):
         raise ArtifactError(f"the artifact quantizes {name}, which is not a linear layer of this model")
-    scheme = LayerScheme.parse(info["scheme"])
-    own = {k: tensors[f"{name}.{k}"] for k in LAYER_TENSORS if f"{name}.{k}" in tensors}
-    packed_meta = {"format": meta["packed_format"], "version": meta["packed_version"], "scheme": str(scheme.weight),
-                   "in_features": str(info["in_features"])}
-    packed = PackedWeight.from_tensors(own, packed_meta)
-    if (packed.out_features, packed.in_features) != linear_shape(module):
-        raise ArtifactError(
-            f"{name}: the artifact holds a {packed.out_features}x{packed.in_features} weight, the model's layer is "
-            f"{'x'.join(map(str, linear_shape(module)))}: this artifact belongs to another model"
-        )
+    n, k = linear_shape(module)
+    own = {key: reader.take(key, shape, name) for key, shape in packed_shapes(scheme.weight, n, k).items()}
+    packed = PackedWeight.from_tensors(own, {**packed_meta, "scheme": str(scheme.weight), "in_features": str(k)})
+    extra = {key: reader.take(key, (1,) if key == "act_scale" else (k,), name) for key in _layer_extras(scheme, folded)}
     device = next(module.parameters()).device
-    extra = {k: t.to(device) for k, t in own.items() if k not in PACKED_TENSORS}
-    return QuantLinear(packed.to(device), scheme.act, extra.get("bias"), act_scale=extra.get("act_scale"),
+    extra = {key: t.to(device) for key, t in extra.items()}
+    return QuantLinear(packed.to(device), scheme.act, module.bias, act_scale=extra.get("act_scale"),
                        inv_pre_scale=extra.get("inv_pre_scale"), backend=backend)
 
 
-def _norm_tensors(
-    norm: str, tensors: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]
-) -> dict[str, torch.Tensor]:
+def _folded_norm(norm: str, reader: _FlatReader, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The norm's weight (and bias) divided by its stored s: the very operation with which apply_plan folded it."""
     module = modules.get(norm)
-    out = {}
-    for key in ("weight", "bias"):
-        value, target = tensors.get(f"{norm}.{key}"), getattr(module, key, None)
-        if value is None:
-            continue
-        if not isinstance(target, torch.Tensor) or target.shape != value.shape:
-            raise ArtifactError(f"the artifact folds into {norm}.{key}, which this model lacks or shapes differently")
-        out[key] = value.to(target.device, target.dtype)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+        raise ArtifactError(f"the artifact folds an equalization into {norm}, which this model lacks or is not a norm")
+    s = reader.take("equalization", tuple(weight.shape), norm)
+    out = {"weight": weight.detach() / s.to(weight.device, weight.dtype)}
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        out["bias"] = bias.detach() / s.to(bias.device, bias.dtype)
     return out
 
 

@@ -106,13 +106,37 @@ class PackedWeight:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> PackedWeight:
-        if metadata.get("format") != FORMAT_NAME or str(metadata.get("version")) != str(FORMAT_VERSION):
-            raise PackingError(
-                f"unsupported packed weight {metadata.get('format')!r} version {metadata.get('version')!r}; "
-                f"this QuantPlan reads {FORMAT_NAME!r} version {FORMAT_VERSION}: re-pack the model"
-            )
+        check_format(metadata.get("format"), metadata.get("version"))
         scheme = WeightScheme.parse(str(metadata["scheme"]))
         return cls(tensors["codes"], tensors["scales"], tensors.get("zeros"), int(metadata["in_features"]), scheme)
+
+
+def check_format(name: Any, version: Any) -> None:
+    """Raise PackingError unless (`name`, `version`) is the packed weight format this module reads."""
+    if name != FORMAT_NAME or str(version) != str(FORMAT_VERSION):
+        raise PackingError(
+            f"unsupported packed weight {name!r} version {version!r}; "
+            f"this QuantPlan reads {FORMAT_NAME!r} version {FORMAT_VERSION}: re-pack the model"
+        )
+
+
+def packed_shapes(scheme: WeightScheme, out_features: int, in_features: int) -> dict[str, tuple[int, int]]:
+    """The shapes of the stored tensors of an [N, K] weight: codes, scales, and zeros when asymmetric.
+
+    What `pack_weight` produces for a weight `quantize_weight` accepts (a group no larger than K), so a reader
+    can cut a layer's tensors out of a concatenation knowing only the scheme and the layer's shape.
+    """
+    check_packable(scheme)
+    e = codes_per_word(scheme.bits)
+    if scheme.group == -1:
+        groups, k_pad = 1, -(-in_features // e) * e
+    else:
+        groups = -(-in_features // scheme.group)
+        k_pad = groups * scheme.group
+    shapes = {"codes": (out_features, k_pad // e), "scales": (groups, out_features)}
+    if scheme.asymmetric:
+        shapes["zeros"] = (groups, -(-out_features // e))
+    return shapes
 
 
 def _fail_unless(ok: bool, what: str) -> None:

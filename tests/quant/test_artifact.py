@@ -21,9 +21,11 @@ from quant import artifact as art
 from quant.apply import apply_plan
 from quant.errors import ArtifactError, PlanError
 from quant.fingerprint import model_fingerprint
-from quant.packing import PackingError
+from quant.packing import PackingError, pack_weight, packed_shapes
 from quant.plan import Plan
 from quant.qlinear import QuantLinear
+from quant.quantizers import quantize_weight
+from quant.schemes import WeightScheme
 from tests.quant.test_apply import ARCHS, VOCAB
 from tests.quant.test_apply import _model as tiny_model
 from workers.artifacts import evaluate_artifact, materialize_plan
@@ -33,7 +35,8 @@ from workers.evaluate import evaluate
 from workers.models import load_model
 
 PPL_TOL = 0.005  # acceptance 1: the artifact's perplexity within 0.5% of the simulation
-SIZE_TOL = 0.02  # ... and its stored weights within 2% of the plan's cost model
+SIZE_TOL = 0.02  # ... and its size on disk (plan.json + quantized.safetensors) within 2% of the plan's cost model
+HEADER_MAX = 1024  # the weights file's header: a fixed handful of entries, whatever the number of layers
 
 
 def mixed_plan(group: int) -> Plan:
@@ -99,12 +102,17 @@ def unchanged(model: nn.Module, fingerprint: str) -> bool:
     return model_fingerprint(model) == fingerprint and not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def stored_weight_bytes(path: Path) -> int:
-    """Bytes of the packed codes, scales and zero-points as they lie in the file (from the safetensors header)."""
+def weights_header(path: Path) -> tuple[int, dict]:
+    """The safetensors header of the artifact's weights file: its length in bytes (with the 8-byte prefix), parsed."""
     raw = (path / art.WEIGHTS_FILE).read_bytes()
-    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-               if k.rpartition(".")[2] in art.PACKED_TENSORS)
+    n = int.from_bytes(raw[:8], "little")
+    return 8 + n, json.loads(raw[8 : 8 + n])
+
+
+def stored_bytes(path: Path, keys: tuple[str, ...]) -> int:
+    """Bytes of the flat tensors `keys` as they lie in the file (from the safetensors header)."""
+    _, header = weights_header(path)
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k in keys)
 
 
 # -- acceptance 1: round trip ------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ def test_round_trip_matches_simulation_and_cost(request, tmp_path: Path, which: 
     assert measured.perplexity == pytest.approx(case.simulate(plan), rel=PPL_TOL)
     assert measured.kl > 0 and measured.perplexity < 1.5 * case.base.perplexity
 
-    assert stored_weight_bytes(info.path) == info.metrics["bytes"]
+    assert stored_bytes(info.path, art.PACKED_TENSORS) == info.metrics["bytes"]
     assert info.metrics["bytes"] == pytest.approx(info.cost["bytes"], rel=SIZE_TOL)
     assert info.metrics["avg_bits"] == pytest.approx(info.cost["avg_bits"], rel=SIZE_TOL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "no temporary directory left behind"
@@ -140,6 +148,47 @@ def test_loaded_modules_and_manifest(stories: Case, stories_artifact: Path) -> N
     assert len(m["norms"]) == 5 and all(len(v) == 3 for v in m["norms"].values())  # input norms feed q, k, v
     assert {"perplexity", "kl", "bytes", "avg_bits", "tokens", "artifact_bytes"} <= set(m["metrics"])
     assert Plan.load(stories_artifact / "plan.json") == mixed_plan(64)
+
+
+ACCEPTANCE_PLANS = {  # acceptance 1's layer types; stories260K (K = 64) takes group 64 where the demo takes 128
+    "stories": [mixed_plan(64), Plan.uniform("w4g64:a8-dynamic"), Plan.uniform("w8:a8-static"),
+                Plan.uniform("w4g64:a16")],
+    "demo": [mixed_plan(128), Plan.uniform("w4g128:a8-dynamic"), Plan.uniform("w8:a8-static"),
+             Plan.uniform("w4g128:a16")],
+}
+
+
+@pytest.mark.parametrize(("which", "i"), [(w, i) for w, plans in ACCEPTANCE_PLANS.items() for i in range(len(plans))])
+def test_size_on_disk_within_two_percent_of_cost(tmp_path: Path, request, which: str, i: int) -> None:
+    """Acceptance 1's size clause: plan.json + quantized.safetensors within 2% of `Plan.cost`, header included."""
+    case: Case = request.getfixturevalue(which)
+    info = art.materialize(case.model, ACCEPTANCE_PLANS[which][i], case.calib, tmp_path / "a")
+    on_disk = sum((info.path / name).stat().st_size for name in art.HASHED_FILES)
+    assert info.metrics["artifact_bytes"] == on_disk
+    assert on_disk == pytest.approx(info.cost["bytes"], rel=SIZE_TOL)
+    header_bytes, header = weights_header(info.path)
+    assert header_bytes <= HEADER_MAX and set(header) - {"__metadata__"} <= set(art.FLAT_TENSORS)
+    assert (info.path / art.WEIGHTS_FILE).stat().st_size == header_bytes + stored_bytes(info.path, art.FLAT_TENSORS)
+
+
+def test_the_only_overhead_is_the_header_the_plan_and_fp32_vectors(tmp_path: Path, stories: Case) -> None:
+    """All-LAE on stories260K: o_proj and down_proj keep 1/s (fp32 [K]), which the cost model does not count."""
+    info = art.materialize(stories.model, Plan.uniform("w4g64:a8-lae"), stories.calib, tmp_path / "a")
+    header_bytes, _ = weights_header(info.path)
+    k = {"o_proj": 64, "down_proj": 172}  # in_features of the layers no norm feeds alone
+    vectors = 4 * (5 * sum(k.values()) + 10 * 64 + 35)  # 1/s of 10 layers, s of 10 norms, 35 activation scales
+    plan_bytes = (info.path / art.PLAN_FILE).stat().st_size
+    assert info.metrics["artifact_bytes"] == info.cost["bytes"] + vectors + header_bytes + plan_bytes
+    assert len(info.manifest["norms"]) == 10 and header_bytes <= HEADER_MAX
+
+
+def test_packed_shapes_are_what_pack_weight_makes() -> None:
+    torch.manual_seed(0)
+    for text, (n, k) in [("w4g128", (64, 172)), ("w4g32a", (20, 96)), ("w8", (64, 172)), ("w8a", (13, 30)),
+                         ("w2g64a", (33, 64)), ("w4", (7, 9))]:
+        scheme = WeightScheme.parse(text)
+        packed = pack_weight(quantize_weight(torch.randn(n, k), scheme, 1.0))
+        assert {key: tuple(t.shape) for key, t in packed.tensors().items()} == packed_shapes(scheme, n, k), text
 
 
 def test_whole_file_within_two_percent_of_cost_on_a_wider_model(tmp_path: Path) -> None:
@@ -164,10 +213,15 @@ def test_other_architectures_match_the_simulation(tmp_path: Path, arch: str) -> 
     simulated = copy.deepcopy(model)
     apply_plan(simulated, plan, tokens)
     art.materialize(model, plan, tokens, tmp_path / "a")
-    quant.load_quantized(model, tmp_path / "a")
+    info = quant.load_quantized(model, tmp_path / "a")
     with torch.no_grad():
         y, y_sim = model(input_ids=tokens).logits, simulated(input_ids=tokens).logits
     assert (y - y_sim).abs().max() <= 1e-4 * y_sim.abs().max()
+    assert bool(info.manifest["norms"]) == (arch in ("gpt_neox", "gpt2")), "where q, k, v are one layer, its norm folds"
+    for norm in info.manifest["norms"]:  # refolded from the stored s: bit for bit what apply_plan folded
+        mine, theirs = model.get_submodule(norm), simulated.get_submodule(norm)
+        assert all(torch.equal(getattr(mine, p), getattr(theirs, p)) for p in ("weight", "bias")
+                   if getattr(mine, p, None) is not None)
 
 
 # -- acceptance 2: tampering, refused before any module is swapped ------------------------------------------
@@ -207,23 +261,55 @@ def rewrite_manifest(path: Path, **changes: object) -> None:
     art._write_manifest(path, {**manifest, **changes})
 
 
-def test_unknown_artifact_version_is_refused(tmp_path, stories: Case, stories_artifact: Path) -> None:
-    bad = shutil.copytree(stories_artifact, tmp_path / "v2")
-    rewrite_manifest(bad, version=2)
+@pytest.mark.parametrize(("version", "advice"), [(3, "upgrade quantplan, or materialize"),
+                                                   (1, "an older QuantPlan wrote it: materialize the plan again")])
+def test_unknown_artifact_version_is_refused(tmp_path, stories: Case, stories_artifact: Path, version: int,
+                                             advice: str) -> None:
+    bad = shutil.copytree(stories_artifact, tmp_path / f"v{version}")
+    rewrite_manifest(bad, version=version)
     model = copy.deepcopy(stories.model)
     before = model_fingerprint(model)
-    with pytest.raises(ArtifactError, match="unknown artifact format version 2; this QuantPlan reads version 1"):
+    with pytest.raises(ArtifactError, match=f"unknown artifact format version {version}; this QuantPlan reads "
+                                            f"version 2: {advice}"):
+        quant.load_quantized(model, bad)
+    assert unchanged(model, before)
+
+
+def rewrite_weights(path: Path, change) -> None:
+    """Rewrite the weights file through `change(tensors, metadata)`, and the manifest so its checksums pass."""
+    with safe_open(str(path / art.WEIGHTS_FILE), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    change(tensors, meta)
+    save_file(tensors, str(path / art.WEIGHTS_FILE), metadata=meta)
+    manifest = json.loads((path / art.MANIFEST_FILE).read_text())
+    rewrite_manifest(path, files={**manifest["files"], art.WEIGHTS_FILE: art._file_entry(path / art.WEIGHTS_FILE)})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t, m: t.update(scales=t["scales"][:-1]), "ends before model.layers.4.self_attn.v_proj's scales"),
+        (lambda t, m: t.update(act_scale=torch.cat([t["act_scale"], t["act_scale"][:1]])), "holds values no layer"),
+        (lambda t, m: t.update(extra=torch.zeros(2)), "holds tensors this format does not lay out \\(extra\\)"),
+        (lambda t, m: m.update(index_sha256="0" * 64), "was laid out for other layers than its manifest lists"),
+    ],
+    ids=["short", "long", "unknown-tensor", "other-index"],
+)
+def test_a_consistently_forged_layout_is_refused(tmp_path, stories: Case, stories_artifact: Path, change,
+                                                 message: str) -> None:
+    """Checksums recomputed: the layout checks still refuse before any module is swapped."""
+    bad = shutil.copytree(stories_artifact, tmp_path / "forged")
+    rewrite_weights(bad, change)
+    model = copy.deepcopy(stories.model)
+    before = model_fingerprint(model)
+    with pytest.raises(ArtifactError, match=message):
         quant.load_quantized(model, bad)
     assert unchanged(model, before)
 
 
 def test_unknown_packed_weight_version_is_refused(tmp_path, stories: Case, stories_artifact: Path) -> None:
     bad = shutil.copytree(stories_artifact, tmp_path / "packed-v2")
-    with safe_open(str(bad / art.WEIGHTS_FILE), framework="pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
-    save_file(tensors, str(bad / art.WEIGHTS_FILE), metadata={**meta, "packed_version": "2"})
-    manifest = json.loads((bad / art.MANIFEST_FILE).read_text())
-    rewrite_manifest(bad, files={**manifest["files"], art.WEIGHTS_FILE: art._file_entry(bad / art.WEIGHTS_FILE)})
+    rewrite_weights(bad, lambda tensors, meta: meta.update(packed_version="2"))
     model = copy.deepcopy(stories.model)
     before = model_fingerprint(model)
     with pytest.raises(PackingError, match="unsupported packed weight"):

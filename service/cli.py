@@ -12,6 +12,7 @@ from service.artifact_cmd import apply_command, materialize_command
 from service.console import print_error, print_json, setup_logging, stderr, stdout
 from service.console import table as table_view
 from service.jobs_cmd import export_command, leaderboard_command, run_command, runner_command, show_command
+from service.remote_cmd import cancel_command, download_command, serve_command, status_command, submit_command
 from service.search_cmd import search_command
 
 app = typer.Typer(
@@ -290,6 +291,11 @@ app.command("runner")(runner_command)
 app.command("leaderboard")(leaderboard_command)
 app.command("show")(show_command)
 app.command("export")(export_command)
+app.command("serve")(serve_command)
+app.command("submit")(submit_command)
+app.command("status")(status_command)
+app.command("cancel")(cancel_command)
+app.command("download")(download_command)
 
 
 def main(argv: list[str] | None = None) -> None:

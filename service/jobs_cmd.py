@@ -44,46 +44,68 @@ def open_storage(db: str | None, artifacts: str | None = None, ray_address: str 
     return Repository(settings=settings), open_store(settings.artifacts)
 
 
+# the job-spec options, shared by `run` (local) and `submit` (remote); names follow `quantplan search`
+ModelOpt = Annotated[str, _Opt("--model", "-m", help="Hugging Face id or local model directory.")]
+DataOpt = Annotated[str, _Opt("--data", "-d", help="Calibration and evaluation data: wikitext2 | wikitext2:<dir> | "
+                                                   "text:<file>[,<file>...]")]
+BudgetBitsOpt = Annotated[float | None, _Opt("--budget-bits", help="Average bits per weight (scales included).")]
+BudgetMbOpt = Annotated[float | None, _Opt("--budget-mb", help="Bytes of the quantizable weights, in MB.")]
+EvalDataOpt = Annotated[str | None, _Opt("--eval-data", help="Held-out data (default: --data, test split).")]
+ActBitsOpt = Annotated[int | None, _Opt("--act-bits", help="8 (W4A8/W8A8, default) or 16 (weight-only).")]
+TrialsOpt = Annotated[int | None, _Opt("--trials", min=0, help="Optuna trials [default: 100].")]
+EvalTopOpt = Annotated[int | None, _Opt("--eval-top", min=0, help="Measure the K best Pareto plans and the "
+                                        "baselines [default: 2].")]
+MaterializeTopOpt = Annotated[int | None, _Opt("--materialize-top", min=0, help="Materialize the K best measured "
+                                               "plans [default: 1].")]
+SamplesOpt = Annotated[int | None, _Opt("--samples", min=1, help="Calibration windows [default: 64].")]
+SeqLenOpt = Annotated[int | None, _Opt("--seq-len", min=2, help="Window length (default: min(512, max)).")]
+EvalSamplesOpt = Annotated[int | None, _Opt("--eval-samples", min=1, help="Evaluate at most N windows.")]
+SpecFileOpt = Annotated[Path | None, _Opt("--spec", help="A JSON job spec with any further options (skip, "
+                                          "max_dynamic_share, space, symmetry, weights, seed, workers, dtype); "
+                                          "flags given on the command line win.")]
+
+
+def spec_from_options(spec_file: Path | None, **given: Any) -> Any:
+    """A validated `JobSpec` from a spec file (optional) overlaid with the command-line values given."""
+    import json
+
+    from service.jobs import JobSpec, SpecError
+
+    base: dict[str, Any] = {}
+    if spec_file is not None:
+        try:
+            base = json.loads(Path(spec_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SpecError(f"cannot read the job spec {spec_file}: {e}; pass a JSON object file") from None
+        if not isinstance(base, dict):
+            raise SpecError(f"the job spec {spec_file} must hold a JSON object")
+    return JobSpec.parse(base | {k: v for k, v in given.items() if v is not None})
+
+
 def run_command(
-    model: Annotated[str, _Opt("--model", "-m", help="Hugging Face id or local model directory.")],
-    data: Annotated[str, _Opt("--data", "-d", help="Calibration and evaluation data: wikitext2 | "
-                                                   "wikitext2:<dir> | text:<file>[,<file>...]")],
-    budget_bits: Annotated[float | None, _Opt("--budget-bits", help="Average bits per weight (scales included).")]
-    = None,
-    budget_mb: Annotated[float | None, _Opt("--budget-mb", help="Bytes of the quantizable weights, in MB.")] = None,
-    eval_data: Annotated[str | None, _Opt("--eval-data", help="Held-out data (default: --data, test split).")]
-    = None,
-    act_bits: Annotated[int, _Opt("--act-bits", help="8 (W4A8/W8A8) or 16 (weight-only).")] = 8,
-    trials: Annotated[int, _Opt("--trials", min=0, help="Optuna trials.")] = 100,
-    eval_top: Annotated[int, _Opt("--eval-top", min=0, help="Measure the K best Pareto plans and the "
-                                  "baselines.")] = 2,
-    materialize_top: Annotated[int, _Opt("--materialize-top", min=0, help="Materialize the K best measured "
-                                         "plans.")] = 1,
-    samples: Annotated[int, _Opt("--samples", min=1, help="Calibration windows.")] = 64,
-    seq_len: Annotated[int | None, _Opt("--seq-len", min=2, help="Window length (default: min(512, max)).")] = None,
-    eval_samples: Annotated[int | None, _Opt("--eval-samples", min=1, help="Evaluate at most N windows.")] = None,
-    skip: Annotated[str | None, _Opt("--skip", help="Regex of module names to keep unquantized.")] = None,
-    max_dynamic_share: Annotated[float | None, _Opt("--max-dynamic-share", min=0.0, max=1.0)] = None,
-    space: Annotated[str, _Opt("--space", help="structured | per-layer")] = "structured",
-    symmetry: Annotated[str, _Opt("--symmetry", help="sym | asym | both")] = "both",
-    weights: Annotated[str | None, _Opt("--weights", help="Only these weight schemes, comma-separated.")] = None,
-    seed: Annotated[int, _Opt("--seed")] = 0,
-    workers: Annotated[int, _Opt("--workers", min=1, help="Parallel Ray workers.")] = 1,
-    dtype: Annotated[str, _Opt("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
+    model: ModelOpt,
+    data: DataOpt,
+    budget_bits: BudgetBitsOpt = None,
+    budget_mb: BudgetMbOpt = None,
+    eval_data: EvalDataOpt = None,
+    act_bits: ActBitsOpt = None,
+    trials: TrialsOpt = None,
+    eval_top: EvalTopOpt = None,
+    materialize_top: MaterializeTopOpt = None,
+    samples: SamplesOpt = None,
+    seq_len: SeqLenOpt = None,
+    eval_samples: EvalSamplesOpt = None,
+    spec_file: SpecFileOpt = None,
     db: DbOpt = None,
     artifacts: ArtifactsOpt = None,
     ray_address: RayOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a whole search job in this process and store it: sensitivity, search, materialize, evaluate."""
-    from service.jobs import JobSpec
-
-    given = {"model": model, "data": data, "budget_bits": budget_bits, "budget_mb": budget_mb,
-             "eval_data": eval_data, "act_bits": act_bits, "trials": trials, "eval_top": eval_top,
-             "materialize_top": materialize_top, "samples": samples, "seq_len": seq_len,
-             "eval_samples": eval_samples, "skip": skip, "max_dynamic_share": max_dynamic_share, "space": space,
-             "symmetry": symmetry, "weights": _split(weights), "seed": seed, "workers": workers, "dtype": dtype}
-    spec = JobSpec.parse({k: v for k, v in given.items() if v is not None})
+    spec = spec_from_options(spec_file, model=model, data=data, budget_bits=budget_bits, budget_mb=budget_mb,
+                             eval_data=eval_data, act_bits=act_bits, trials=trials, eval_top=eval_top,
+                             materialize_top=materialize_top, samples=samples, seq_len=seq_len,
+                             eval_samples=eval_samples)
     repo, store = open_storage(db, artifacts, ray_address)
     job = run_local_job(repo, store, spec, progress=not json_out)
     _report_job(repo, job, json_out)
@@ -263,10 +285,6 @@ def extract_artifact(store: Any, sha256: str, out: Path, *, overwrite: bool = Fa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _split(text: str | None) -> list[str] | None:
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _user() -> str | None:

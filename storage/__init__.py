@@ -11,6 +11,7 @@ See docs/STORAGE.md for the schema and the invariants.
 from storage.artifacts import ArtifactStore, FsspecArtifactStore, LocalArtifactStore, StoredArtifact, open_store
 from storage.errors import (
     ArtifactStoreError,
+    DatabaseUnavailableError,
     InvalidRecordError,
     JobStateError,
     NotFoundError,
@@ -36,6 +37,7 @@ __all__ = [
     "ArtifactStoreError",
     "ArtifactRecord",
     "ArtifactStore",
+    "DatabaseUnavailableError",
     "FsspecArtifactStore",
     "InvalidRecordError",
     "JobRecord",

@@ -8,10 +8,18 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.errors import StorageError
+from storage.errors import DatabaseUnavailableError, StorageError
 from storage.settings import StorageSettings
 
 
@@ -122,8 +130,8 @@ def translate(e: SQLAlchemyError, url: str) -> StorageError:
     if isinstance(e, IntegrityError):
         return StorageError(f"the write conflicts with stored data ({detail}); nothing was stored - "
                             "check for a duplicate key or a missing referenced row")
-    if isinstance(e, OperationalError):
-        return StorageError(f"database {where} failed: {detail}; check that it is reachable and migrated "
+    if isinstance(e, (OperationalError, InterfaceError, PoolTimeoutError)):
+        return DatabaseUnavailableError(f"database {where} failed: {detail}; check that it is reachable and migrated "
                             "(QUANTPLAN_DATABASE_URL, `storage.migrate.upgrade`)")
     if isinstance(e, DBAPIError):
         return StorageError(f"database {where} rejected the request: {detail}; the transaction was rolled back")

@@ -9,6 +9,10 @@ class StorageError(QuantPlanError):
     """A database or artifact-store operation failed; the transaction was rolled back."""
 
 
+class DatabaseUnavailableError(StorageError):
+    """The database cannot be reached or refused the connection (a service answers 503 and the caller retries)."""
+
+
 class NotFoundError(StorageError, LookupError):
     """A job, plan, model or artifact id that is not in the database or store."""
 

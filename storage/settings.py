@@ -58,6 +58,25 @@ class StorageSettings(BaseSettings):
     pool_timeout: float = Field(default=30.0, gt=0)
     pool_recycle: int = Field(default=1800, ge=-1)  # seconds; PostgreSQL servers and proxies drop idle links
     sqlite_busy_timeout: float = Field(default=30.0, gt=0)  # seconds a writer waits for SQLite's lock
+    # the HTTP service (`quantplan serve`)
+    api_tokens: str | None = None  # comma-separated bearer tokens, each `token` or `name=token` (name: submitter)
+    auth_reads: bool = False  # also require a token for reads (GET)
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)  # larger request bodies get 413
+
+    def tokens(self) -> dict[str, str]:
+        """The configured bearer tokens, token -> name (the name recorded as a job's submitter)."""
+        out: dict[str, str] = {}
+        for i, item in enumerate(t.strip() for t in (self.api_tokens or "").split(",")):
+            if not item:
+                continue
+            name, sep, token = item.partition("=")
+            if not sep:
+                name, token = f"token{i + 1}", item
+            if len(token.strip()) < 8:
+                raise SettingsError(f"API token {name.strip()!r} is shorter than 8 characters; use a long random "
+                                    "token (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+            out[token.strip()] = name.strip()
+        return out
 
     @classmethod
     def settings_customise_sources(

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import torch
+from psycopg import sql
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -20,6 +24,44 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QUANTPLAN_SHARED_DATA", REPO.parent / "shared" / "data"))
 STORIES = SHARED_DATA / "models" / "stories260K"
+
+
+# PostgreSQL is the server at 127.0.0.1:5432 (`.ci/run` starts it); `QUANTPLAN_TEST_PG_URL` points elsewhere.
+# Each test session creates uniquely named databases on it and drops them at the end.
+PG_ADMIN_URL = os.environ.get("QUANTPLAN_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class PgDatabases:
+    """Creates fresh databases on the test server and drops them all at the end of the session."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.prefix = f"quantplan_test_{uuid.uuid4().hex[:10]}"
+        self.created: list[str] = []
+        try:
+            self.conn = psycopg.connect(admin_url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as e:
+            pytest.fail(f"PostgreSQL is unreachable at {admin_url} ({e}); start it with `.ci/run` or set "
+                        "QUANTPLAN_TEST_PG_URL - the PostgreSQL storage tests must not be skipped", pytrace=False)
+
+    def create(self) -> str:
+        name = f"{self.prefix}_{len(self.created)}"
+        self.conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        self.created.append(name)
+        base = self.admin_url.rsplit("/", 1)[0]
+        return f"{base}/{name}"
+
+    def drop_all(self) -> None:
+        for name in self.created:
+            self.conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        self.conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_databases() -> Iterator[PgDatabases]:
+    databases = PgDatabases(PG_ADMIN_URL)
+    yield databases
+    databases.drop_all()
 
 
 @pytest.fixture(scope="session")

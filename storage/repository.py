@@ -5,11 +5,12 @@ Invariants (each kept by the code below and checked by tests/storage):
 1. One method, one transaction: a method commits all of its writes or none (`Database.session`); database
    errors surface as `StorageError` after the rollback. Methods return frozen records, never live ORM rows.
 2. A job moves queued -> running -> succeeded | failed | cancelled. `requeue_stale` moves a running job whose
-   heartbeat is stale back to queued (or to failed once it has used `max_attempts` claims); `cancel_job` moves
+   heartbeat is stale back to queued (or to failed once it has used `max_attempts` claims), `release_job` does the
+   same for a job its owner gives back after a transient error; `cancel_job` moves
    a queued job to cancelled and flags a running one (`cancel_requested`) for its runner. Nothing else moves.
 3. `claim_next_job` hands a queued job to exactly one claimer (PostgreSQL: `FOR UPDATE SKIP LOCKED`; SQLite:
    one `UPDATE ... WHERE id = (SELECT ...) AND status = 'queued'` under SQLite's single writer lock), oldest
-   first, and counts the claim in `attempts`.
+   first, and counts the claim in `attempts`; `claim_job` claims one given queued job the same way.
 4. A running job has one owner, the runner id that claimed it: only the owner may heartbeat, update, finish,
    fail or store plans for it; a runner whose job was requeued or cancelled gets `JobStateError`.
 5. `create_job` with an idempotency key creates at most one job per key; a second call with the same key and

@@ -14,8 +14,8 @@ One job, five stages, each resumable after a crash (a restarted runner skips wha
 
 While a job runs, a heartbeat thread refreshes `jobs.heartbeat_at` every `heartbeat_interval` seconds. A runner
 that dies stops heartbeating; any runner's `requeue_stale` puts the job back in the queue after `stale_after`
-seconds (failed once it has used `max_attempts` claims). A cancel request is honoured at the next stage boundary
-or search trial. Bad input (a spec that does not validate, a model that does not load, an infeasible budget) fails
+seconds (failed once it has used `max_attempts` claims). A cancel request is honoured at the next stage boundary.
+Bad input (a spec that does not validate, a model that does not load, an infeasible budget) fails
 the job at once with the `QuantPlanError` message; any other error gives the job back for another attempt.
 """
 
@@ -202,11 +202,11 @@ class JobRun:
         """Record the stage (and progress) of the job; honour a cancel request or a lost job."""
         self.beat.check()
         try:
-            record = self.repo.update_job(self.job.id, self.runner.id, stage=name, progress=progress)
+            if not self.repo.heartbeat(self.job.id, self.runner.id):
+                raise Cancelled  # before the stage starts: the job stays at the last stage it worked on
+            self.repo.update_job(self.job.id, self.runner.id, stage=name, progress=progress)
         except JobStateError:
             raise Lost from None
-        if record.cancel_requested:
-            raise Cancelled
         log.info("job %d: %s", self.job.id, name)
 
     def run(self) -> None:

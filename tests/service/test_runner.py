@@ -176,3 +176,37 @@ def _trials(url: str, study: str) -> int:
         return len(optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False))
     except KeyError:
         return 0
+
+
+def test_cancel_of_a_running_job_is_honoured_at_the_next_stage(tmp_path, monkeypatch) -> None:
+    repo = Repository(f"sqlite:///{tmp_path / 'q.db'}")
+    runner = Runner(repo, open_store(tmp_path / "art"), config=RunnerConfig(heartbeat_interval=0.2))
+    job = repo.create_job({"model": "m", "data": "wikitext2", "budget_bits": 4.25})
+
+    def load_then_get_cancelled(self):
+        repo.cancel_job(self.job.id)  # a user cancels while the model loads
+        return None
+
+    monkeypatch.setattr("service.runner.JobRun._load", load_then_get_cancelled)
+    monkeypatch.setattr("service.runner.JobRun._sensitivity", lambda self, loaded: pytest.fail("not cancelled"))
+    done = runner.run_job(job.id)
+    assert (done.status, done.stage, done.finished_at is not None) == ("cancelled", "load", True)
+
+
+def test_a_crashing_job_is_retried_then_failed(tmp_path, monkeypatch) -> None:
+    repo = Repository(f"sqlite:///{tmp_path / 'q.db'}")
+    runner = Runner(repo, open_store(tmp_path / "art"), config=RunnerConfig(heartbeat_interval=0.2, max_attempts=2))
+    job = repo.create_job({"model": "m", "data": "wikitext2", "budget_bits": 4.25})
+
+    def crash(self):
+        raise RuntimeError("worker node lost")
+
+    monkeypatch.setattr("service.runner.JobRun._load", crash)
+    first = runner.run_once()
+    assert first.id == job.id
+    assert (first.status, first.attempts, first.stage, first.error) == ("queued", 1, "load",
+                                                                        "RuntimeError: worker node lost")
+    second = runner.run_once()
+    assert (second.status, second.attempts) == ("failed", 2)
+    assert second.error == "gave up after 2 attempts; last error: RuntimeError: worker node lost"
+    assert runner.run_once() is None  # nothing left in the queue

@@ -65,11 +65,14 @@ SpecFileOpt = Annotated[Path | None, _Opt("--spec", help="A JSON job spec with a
                                           "flags given on the command line win.")]
 
 
-def spec_from_options(spec_file: Path | None, **given: Any) -> Any:
-    """A validated `JobSpec` from a spec file (optional) overlaid with the command-line values given."""
+def spec_from_options(spec_file: Path | None, options: dict[str, Any]) -> Any:
+    """A validated `JobSpec` from a spec file (optional) overlaid with the command's options that name spec fields
+    and were given (not None)."""
     import json
 
     from service.jobs import JobSpec, SpecError
+
+    given = {k: v for k, v in options.items() if k in JobSpec.model_fields}
 
     base: dict[str, Any] = {}
     if spec_file is not None:
@@ -102,10 +105,7 @@ def run_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Run a whole search job in this process and store it: sensitivity, search, materialize, evaluate."""
-    spec = spec_from_options(spec_file, model=model, data=data, budget_bits=budget_bits, budget_mb=budget_mb,
-                             eval_data=eval_data, act_bits=act_bits, trials=trials, eval_top=eval_top,
-                             materialize_top=materialize_top, samples=samples, seq_len=seq_len,
-                             eval_samples=eval_samples)
+    spec = spec_from_options(spec_file, locals())
     repo, store = open_storage(db, artifacts, ray_address)
     job = run_local_job(repo, store, spec, progress=not json_out)
     _report_job(repo, job, json_out)

@@ -89,10 +89,7 @@ def submit_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Submit a search job to a QuantPlan server; prints the job id (with --wait, follows it to the end)."""
-    spec = spec_from_options(spec_file, model=model, data=data, budget_bits=budget_bits, budget_mb=budget_mb,
-                             eval_data=eval_data, act_bits=act_bits, trials=trials, eval_top=eval_top,
-                             materialize_top=materialize_top, samples=samples, seq_len=seq_len,
-                             eval_samples=eval_samples)  # the server validates again; this fails early
+    spec = spec_from_options(spec_file, locals())  # the server validates again; this fails early
     with _client(server, token) as client:
         job = client.submit(spec.to_json(), idempotency_key=idempotency_key)
         if not wait:

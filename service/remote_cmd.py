@@ -208,11 +208,12 @@ def serve_command(
         stderr.print(f"no QUANTPLAN_API_TOKENS set: this server accepts writes with the generated token\n"
                      f"  export QUANTPLAN_TOKEN={token}", highlight=False)
     repo = Repository(settings=settings)  # migrates the schema once, before the runners start
-    argv = [sys.executable, "-m", "service.cli", "runner", "--db", settings.database_url, "--artifacts",
-            settings.artifacts, "--heartbeat", str(heartbeat), "--stale-after", str(stale_after)]
-    if settings.ray_address:
-        argv += ["--ray-address", settings.ray_address]
-    pool = RunnerPool(argv, runners)
+    argv = [sys.executable, "-m", "service.cli", "runner", "--heartbeat", str(heartbeat), "--stale-after",
+            str(stale_after)]
+    env = {"QUANTPLAN_DATABASE_URL": settings.database_url, "QUANTPLAN_ARTIFACTS": settings.artifacts}
+    if settings.ray_address:  # through the environment: a database password stays out of `ps`
+        env["QUANTPLAN_RAY_ADDRESS"] = settings.ray_address
+    pool = RunnerPool(argv, runners, env)
     pool.start()
     try:
         uvicorn.run(create_app(settings, repo=repo), host=host, port=port, log_level="info",
@@ -225,8 +226,8 @@ def serve_command(
 class RunnerPool:
     """`n` runner child processes, restarted when one dies, stopped (SIGTERM, then SIGKILL) at shutdown."""
 
-    def __init__(self, argv: list[str], n: int, grace: float = 10.0) -> None:
-        self.argv, self.n, self.grace = argv, n, grace
+    def __init__(self, argv: list[str], n: int, env: dict[str, str], grace: float = 10.0) -> None:
+        self.argv, self.n, self.env, self.grace = argv, n, env, grace
         self.procs: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
         self._watch = threading.Thread(target=self._watchdog, name="runner-watchdog", daemon=True)
@@ -237,7 +238,7 @@ class RunnerPool:
             self._watch.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(self.argv, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        proc = subprocess.Popen(self.argv, env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         log.info("started job runner pid %d", proc.pid)
         return proc
 

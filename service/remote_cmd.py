@@ -238,7 +238,8 @@ class RunnerPool:
             self._watch.start()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(self.argv, env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(self.argv, env=env, start_new_session=True)
         log.info("started job runner pid %d", proc.pid)
         return proc
 

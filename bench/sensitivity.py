@@ -2,7 +2,9 @@
 
     python bench/sensitivity.py [--model DIR] [--data SPEC] [--samples 32] [--seq-len 128] [--threads 1]
 
-Without --model it converts stories260K from ../shared/data. Prints ratios measured in this one run.
+Without --model it converts stories260K from ../shared/data. Prints ratios measured in this one run: the pass
+(statistics forward + Fisher forward/backward) over a plain forward+backward of the same tokens, both with one
+micro-batch per backward (as the estimator needs) and with the batches of --batch-size sequences the pass runs.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quant.apply import quantizable_modules  # noqa: E402
+from quant.modules import linear_weight  # noqa: E402
 from workers.data import calibration_set  # noqa: E402
 from workers.models import load_model  # noqa: E402
-from workers.sensitivity import collect_act_stats, fisher_sums, layer_act_params  # noqa: E402
+from workers.sensitivity import collect_act_stats, fisher_sums, layer_act_params, weight_costs  # noqa: E402
 from workers.tasks import compute_sensitivity, init_ray  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "stories260K"
@@ -65,6 +69,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward in the pass (fisher_sums)")
+    p.add_argument("--repeat", type=int, default=2, help="timing rounds (best of)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (driver and each worker)")
     p.add_argument("--random-hidden", type=int, help="use a randomly initialised Llama of this width (4 layers) "
                    "with the stories260K tokenizer, to see how the overhead shrinks with layer size")
@@ -78,15 +84,20 @@ def main() -> None:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     plain_forward_backward(copy.deepcopy(model), tokens[:2], args.micro_batch)  # warm-up
-    t_plain = t_stats = t_fisher = float("inf")
-    for _ in range(2):  # alternate the passes and keep each one's best time (the machine may be shared)
+    t_plain = t_batched = t_stats = t_fisher = float("inf")
+    for _ in range(args.repeat):  # alternate the passes and keep each one's best time (the machine is shared)
         t_plain = min(t_plain, plain_forward_backward(copy.deepcopy(model), tokens, args.micro_batch))
+        t_batched = min(t_batched, plain_forward_backward(copy.deepcopy(model), tokens, args.batch_size))
         t, stats = timed(collect_act_stats, model, tokens)
         t_stats = min(t_stats, t)
         params = layer_act_params(model, stats)
-        t, _ = timed(fisher_sums, copy.deepcopy(model), tokens, params, micro_batch=args.micro_batch)
+        t, sums = timed(fisher_sums, copy.deepcopy(model), tokens, params, micro_batch=args.micro_batch,
+                        batch_size=args.batch_size)
         t_fisher = min(t_fisher, t)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    layers = quantizable_modules(model)
+    t_weights, _ = timed(lambda: [weight_costs(linear_weight(m).detach(), sums.fisher[n] / sums.batches)
+                                  for n, m in layers.items()])
 
     init_ray(None)
     meta = {"key": "bench", "model_info": {}, "calibration": {}, "estimator": {}}
@@ -97,11 +108,14 @@ def main() -> None:
     n_tok = tokens.numel()
     print(f"model params: {sum(p.numel() for p in model.parameters()):,}; calibration {tuple(tokens.shape)} "
           f"({n_tok:,} tokens), micro-batch {args.micro_batch}, torch threads {torch.get_num_threads()}")
-    print(f"plain forward+backward:              {t_plain:8.2f} s")
+    t_pass = t_stats + t_fisher
+    print(f"plain fwd+bwd, micro-batch {args.micro_batch}:       {t_plain:8.2f} s")
+    print(f"plain fwd+bwd, batches of {args.batch_size}:       {t_batched:8.2f} s")
     print(f"statistics pass (forward):           {t_stats:8.2f} s")
     print(f"Fisher pass (forward+backward+hooks): {t_fisher:8.2f} s")
-    print(f"sensitivity pass / plain fwd+bwd:    {(t_stats + t_fisher) / t_plain:8.2f}x  (target <= 1.5; "
-          f"Fisher pass alone {t_fisher / t_plain:.2f}x)")
+    print(f"sensitivity pass / plain fwd+bwd:    {t_pass / t_plain:8.2f}x  (target <= 1.5; Fisher pass alone "
+          f"{t_fisher / t_plain:.2f}x; vs plain in batches of {args.batch_size}: {t_pass / t_batched:.2f}x)")
+    print(f"weight costs, in process:            {t_weights:8.2f} s  ({len(layers)} layers, not in the ratio)")
     print(f"full table on Ray, 1 worker:         {t_one:8.2f} s")
     print(f"full table on Ray, 2 workers:        {t_two:8.2f} s  (speedup {t_one / t_two:.2f}x)")
     print(f"peak RSS (driver, in-process pass):  {rss1 / 1024:8.1f} MiB (+{(rss1 - rss0) / 1024:.1f} MiB over loading)")

@@ -18,7 +18,7 @@ from quant.plan import Plan
 from workers.data import CalibrationSet
 from workers.evaluate import EvalResult, evaluate
 from workers.models import model_fingerprint
-from workers.sensitivity import CLIP_GRID, WEIGHT_SCHEMES
+from workers.sensitivity import CLIP_GRID, ESTIMATOR_VERSION, WEIGHT_SCHEMES
 from workers.table import SensitivityTable, table_key
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def sensitivity_table(
     from workers.tasks import compute_sensitivity  # Ray is imported only when a table must be computed
 
     fingerprint = model_fingerprint(model)
-    estimator = {"micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES], "clip_grid": CLIP_GRID}
+    estimator = {"version": ESTIMATOR_VERSION, "micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES],
+                 "clip_grid": CLIP_GRID}
     key = table_key(fingerprint, calibration.spec_dict(), estimator)
     path = sensitivity_cache_dir() / f"{key}.safetensors"
     if cache and path.is_file():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -29,11 +29,12 @@ from torch import nn
 
 from quant.apply import quantizable_modules, trace_feeders
 from quant.modules import linear_layout
-from quant.quantizers import (
+from quant.quantizers import (  # _round_scale: the stored fp16 scale, as quantize_weight rounds it
+    ACT_QMAX,
+    _round_scale,
     act_scale_per_token,
     fake_quantize_weight,
     lae_scales,
-    quantize_act_int8,
     smooth_scales,
     static_scale_from_absmax,
 )
@@ -49,6 +50,9 @@ HIST_LOG10 = (-8.0, 6.0)  # |x| histogram over log10 range, 1024 equal bins (+ u
 HIST_BINS = 1024
 HIST_EDGES = torch.logspace(*HIST_LOG10, HIST_BINS + 1, dtype=torch.float64)
 PERCENTILES = (99.0, 99.9, 99.99)
+# Part of the cache key: bump when the computed numbers change. 2: micro-batches run through the model in
+# batches (per-micro-batch gradients from hooks); same estimator, float32 sums in another order.
+ESTIMATOR_VERSION = 2
 
 
 # -- activation statistics (forward only) -----------------------------------------------------------------
@@ -69,15 +73,26 @@ class ActStats:
         return self
 
 
-def _observe(stats: ActStats, name: str, x: torch.Tensor) -> None:
+def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channel max|x| [K], histogram of log10|x| [HIST_BINS + 2]) of one layer input."""
     a = x.detach().abs().reshape(-1, x.shape[-1]).float()
-    m = a.amax(0)
-    prev = stats.channel_absmax.get(name)
-    stats.channel_absmax[name] = m if prev is None else torch.maximum(prev, m)
     lo, hi = HIST_LOG10
-    pos = (torch.log10(a.flatten().clamp_min(1e-30)) - lo) * (HIST_BINS / (hi - lo))
-    idx = (pos.floor().clamp(-1, HIST_BINS) + 1).long()  # 0: underflow, HIST_BINS + 1: overflow
-    h = torch.bincount(idx, minlength=HIST_BINS + 2).double()
+    pos = torch.log10_(a.flatten().clamp_min(1e-30)).sub_(lo).mul_(HIST_BINS / (hi - lo))
+    idx = pos.floor_().clamp_(-1, HIST_BINS).add_(1).long()  # 0: underflow, HIST_BINS + 1: overflow
+    return a.amax(0), torch.bincount(idx, minlength=HIST_BINS + 2).double()
+
+
+def _observe(stats: ActStats, name: str, x: torch.Tensor, seen: dict[int, tuple] | None = None) -> None:
+    """Add one input of layer `name`; `seen` (id -> (x, stats)) shares the work between layers reading the
+    same tensor (q, k and v; gate and up)."""
+    entry = None if seen is None else seen.get(id(x))
+    if entry is None:
+        entry = (x, *_input_stats(x))
+        if seen is not None:
+            seen[id(x)] = entry  # holds x, so its id stays unique while `seen` lives
+    _, m, h = entry
+    prev = stats.channel_absmax.get(name)
+    stats.channel_absmax[name] = m.clone() if prev is None else torch.maximum(prev, m)  # own tensor per layer
     stats.hist[name] = h + stats.hist.get(name, 0)
 
 
@@ -86,13 +101,16 @@ def collect_act_stats(model: nn.Module, tokens: torch.Tensor, *, batch_size: int
     """Forward passes over `tokens` recording every quantizable layer's input statistics."""
     names = list(quantizable_modules(model))
     modules = dict(model.named_modules())
-    stats = ActStats()
+    stats, seen = ActStats(), {}
     with trace_feeders(model, names) as feeders:
-        hooks = [modules[n].register_forward_pre_hook(lambda _m, a, n=n: _observe(stats, n, a[0])) for n in names]
+        hooks = [modules[n].register_forward_pre_hook(lambda _m, a, n=n: _observe(stats, n, a[0], seen))
+                 for n in names]
         try:
             for batch in tokens.split(batch_size):
+                seen.clear()
                 model(input_ids=batch, use_cache=False)
         finally:
+            seen.clear()
             for h in hooks:
                 h.remove()
     stats.feeders = dict(feeders)
@@ -137,13 +155,33 @@ def act_quant_params(
 def act_quant_error(x: torch.Tensor, scheme: ActScheme, p: ActQuantParams) -> torch.Tensor:
     """x - Q_a(x) in the original (un-equalized) space, float32."""
     x = x.float()
+    return _dequantized_act(torch.empty_like(x), x, scheme, p).neg_().add_(x)
+
+
+def act_sq_errors(x: torch.Tensor, p: ActQuantParams) -> torch.Tensor:
+    """(x - Q_a(x))^2 for every a in ACT_SCHEMES, [len(ACT_SCHEMES), *x.shape] float32."""
+    x = x.float()
+    out = torch.empty((len(ACT_SCHEMES), *x.shape))
+    for e, a in zip(out, ACT_SCHEMES, strict=True):
+        _dequantized_act(e, x, a, p).sub_(x).square_()
+    return out
+
+
+def _dequantized_act(out: torch.Tensor, x: torch.Tensor, scheme: ActScheme, p: ActQuantParams) -> torch.Tensor:
+    """Q_a(x) written into `out`: quantize_act_int8 then dequantize, the same float operations in place (the
+    int8 round trip of an integer in [-127, 127] is exact, so it is left out)."""
     if scheme is ActScheme.DYNAMIC:
-        scale = act_scale_per_token(x)
-        return x - quantize_act_int8(x, scale).float() * scale
-    if scheme is ActScheme.STATIC:
-        return x - quantize_act_int8(x, p.static_scale).float() * p.static_scale
-    s, scale = (p.lae_s, p.lae_scale) if scheme is ActScheme.LAE else (p.smooth_s, p.smooth_scale)
-    return x - quantize_act_int8(x / s, scale).float() * scale * s
+        s, scale = None, act_scale_per_token(x)
+    elif scheme is ActScheme.STATIC:
+        s, scale = None, p.static_scale
+    else:
+        s, scale = (p.lae_s, p.lae_scale) if scheme is ActScheme.LAE else (p.smooth_s, p.smooth_scale)
+    if s is None:
+        torch.div(x, scale, out=out)
+    else:
+        torch.div(x, s, out=out).div_(scale)
+    out.round_().clamp_(-ACT_QMAX, ACT_QMAX).mul_(scale)
+    return out if s is None else out.mul_(s)
 
 
 # -- Fisher pass (forward + backward) --------------------------------------------------------------------
@@ -167,68 +205,144 @@ class FisherSums:
         return self
 
 
-@contextmanager
-def _act_cost_hooks(
-    modules: Mapping[str, nn.Module], params: Mapping[str, ActQuantParams], sums: FisherSums, t_b: list[int]
-) -> Iterator[None]:
-    """On forward, hand each layer its own view of its input and hook that view's gradient: the gradient that
-    reaches the view is dL/dx through this layer only (q, k and v read one tensor). On backward add
-    T/2 sum (dL/dx)^2 (x - Q_a(x))^2 per activation scheme. Cheaper than module full-backward hooks."""
+@dataclass
+class _Input:
+    """One layer-input tensor of the batch in flight and its squared activation errors, computed once for all
+    the layers that read it with the same quantization parameters (q, k and v; gate and up)."""
 
-    def forward(name: str):
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-            x = args[0]
-            if not x.requires_grad:
-                return None
-            view, saved = x.view_as(x), x.detach()
-            view.register_hook(lambda g: _add_act_cost(sums, name, saved, g, params[name], t_b[0]))
+    x: torch.Tensor
+    sq_errors: dict[str, torch.Tensor] = field(default_factory=dict)  # params key -> [A, numel]
+    pending: dict[str, int] = field(default_factory=dict)  # params key -> readers whose backward is to come
+
+
+@dataclass
+class _Batch:
+    """The batch in flight: `groups` micro-batches of `t_b` predicted tokens each."""
+
+    groups: int = 1
+    t_b: int = 0
+    inputs: dict[int, _Input] = field(default_factory=dict)  # id(x) -> _Input (holds x: ids stay unique)
+
+
+def fisher_sums(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    params: Mapping[str, ActQuantParams],
+    *,
+    micro_batch: int = 1,
+    batch_size: int = 8,
+) -> FisherSums:
+    """Forward + backward over `tokens` in micro-batches: Fisher sums and activation costs of every layer.
+
+    Several micro-batches (about `batch_size` sequences) go through the model together: the backward pass
+    differentiates sum_b L_b, and since sequences do not interact, the gradient reaching a layer's output on
+    micro-batch b's tokens is dL_b/dY; hooks turn it into g_b = dL_b/dW per micro-batch (weights carry no
+    .grad) and read dL_b/dx for the activation costs."""
+    modules = {n: m for n, m in quantizable_modules(model).items() if n in params}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sums, batch = FisherSums(), _Batch()
+    with _fisher_hooks(modules, params, sums, batch):
+        for part, size in _batches(tokens, micro_batch, batch_size):
+            batch.groups, batch.t_b = part.shape[0] // size, size * (part.shape[1] - 1)
+            loss = _sum_of_microbatch_losses(model, part, batch.groups)
+            loss.backward()
+            batch.inputs.clear()
+            sums.batches += batch.groups
+            sums.tokens += batch.groups * batch.t_b
+            sums.loss_sum += float(loss.detach())
+    return sums
+
+
+def _batches(tokens: torch.Tensor, micro_batch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """(sequences, micro-batch size): runs of whole micro-batches of equal size, about batch_size sequences."""
+    full = tokens.shape[0] // micro_batch * micro_batch
+    yield from ((part, micro_batch) for part in tokens[:full].split(max(1, batch_size // micro_batch) * micro_batch))
+    if full < tokens.shape[0]:
+        yield tokens[full:], tokens.shape[0] - full  # the last, smaller micro-batch
+
+
+def _sum_of_microbatch_losses(model: nn.Module, tokens: torch.Tensor, groups: int) -> torch.Tensor:
+    """sum_b L_b over `groups` equal micro-batches (L_b: mean next-token loss of micro-batch b)."""
+    logits = model(input_ids=tokens, use_cache=False).logits[:, :-1]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+    return nll * (groups / (tokens.numel() - tokens.shape[0]))
+
+
+@contextmanager
+def _fisher_hooks(
+    modules: Mapping[str, nn.Module], params: Mapping[str, ActQuantParams], sums: FisherSums, batch: _Batch
+) -> Iterator[None]:
+    """On forward, hand each layer its own view of its input (a leaf copy when the input carries no gradient)
+    and hook the gradients of that view and of the layer's output. The gradient reaching the view is dL/dx
+    through this layer only (q, k and v read one tensor): it gives the activation costs. The output's gradient
+    dL/dY with the input X gives the per-micro-batch weight gradients Y_b^T X_b for the Fisher sums."""
+    shared = _shared_params(params)
+
+    def before(name: str):
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            x, key = args[0], shared[name]
+            entry = batch.inputs.setdefault(id(x), _Input(x))
+            entry.pending[key] = entry.pending.get(key, 0) + 1
+            view = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+            view.register_hook(lambda g: _add_act_cost(sums, name, entry, key, g, params[name], batch.t_b))
             return (view, *args[1:])
 
         return hook
 
-    hooks = [m.register_forward_pre_hook(forward(n)) for n, m in modules.items()]
+    def after(name: str):
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = args[0].detach()
+            out.register_hook(lambda dy: _add_fisher(sums, name, x, dy, batch))
+
+        return hook
+
+    hooks = [h for n, m in modules.items()
+             for h in (m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n)))]
     try:
         yield
     finally:
         for h in hooks:
             h.remove()
+        batch.inputs.clear()
 
 
-def _add_act_cost(sums: FisherSums, name: str, x: torch.Tensor, g: torch.Tensor, p: ActQuantParams, t_b: int) -> None:
-    g2 = g.detach().float().pow(2)
-    costs = torch.stack([(g2 * act_quant_error(x, a, p).pow(2)).sum() for a in ACT_SCHEMES]).double()
-    sums.act_cost[name] = 0.5 * t_b * costs + sums.act_cost.get(name, 0)
+def _shared_params(params: Mapping[str, ActQuantParams]) -> dict[str, str]:
+    """layer -> the first layer with identical quantization parameters (whose activation errors it can reuse)."""
+    shared: dict[str, str] = {}
+    firsts: dict[tuple, list[str]] = {}
+    for name, p in params.items():
+        sig = (float(p.static_scale), float(p.lae_scale), float(p.smooth_scale), tuple(p.lae_s.shape))
+        same = (o for o in firsts.get(sig, []) if all(torch.equal(getattr(p, f.name), getattr(params[o], f.name))
+                                                     for f in fields(p)))
+        shared[name] = next(same, name)
+        if shared[name] == name:
+            firsts.setdefault(sig, []).append(name)
+    return shared
 
 
-def fisher_sums(
-    model: nn.Module, tokens: torch.Tensor, params: Mapping[str, ActQuantParams], *, micro_batch: int = 1
-) -> FisherSums:
-    """Forward + backward over `tokens` in micro-batches: Fisher sums and activation costs of every layer."""
-    modules = {n: m for n, m in quantizable_modules(model).items() if n in params}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in modules.values():
-        m.weight.requires_grad_(True)
-    sums, t_b = FisherSums(), [0]
-    # Inputs of the first layers must carry gradients although the embedding weights do not.
-    embed = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
-    with _act_cost_hooks(modules, params, sums, t_b):
-        for batch in tokens.split(micro_batch):
-            t_b[0] = batch.numel() - batch.shape[0]  # predicted tokens: every position but the first
-            for m in modules.values():
-                m.weight.grad = None
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
-            for name, m in modules.items():
-                f_b = t_b[0] * linear_layout(m, m.weight.grad).float().pow(2)  # T_b g_b^2, [N, K]
-                sums.fisher[name] = f_b + sums.fisher[name] if name in sums.fisher else f_b
-            sums.batches += 1
-            sums.tokens += t_b[0]
-            sums.loss_sum += float(loss.detach())
-    embed.remove()
-    for m in modules.values():
-        m.weight.grad = None
-    return sums
+def _add_fisher(sums: FisherSums, name: str, x: torch.Tensor, dy: torch.Tensor, batch: _Batch) -> None:
+    """Add T_b g_b^2 for every micro-batch b of the batch: g_b = dL_b/dW = dY_b^T X_b, [N, K]."""
+    xb = x.reshape(batch.groups, -1, x.shape[-1])  # [B, T, K]
+    dyb = dy.reshape(batch.groups, -1, dy.shape[-1])  # [B, T, N]
+    f = sums.fisher.setdefault(name, x.new_zeros(dyb.shape[-1], xb.shape[-1]))
+    for x_b, dy_b in zip(xb, dyb, strict=True):
+        g_b = dy_b.t() @ x_b  # one micro-batch at a time: no [B, N, K] tensor in memory
+        f.addcmul_(g_b, g_b, value=batch.t_b)
+
+
+def _add_act_cost(
+    sums: FisherSums, name: str, entry: _Input, key: str, g: torch.Tensor, p: ActQuantParams, t_b: int
+) -> None:
+    """Add T_b/2 sum (dL_b/dx)^2 (x - Q_a(x))^2 for every activation scheme a."""
+    sq = entry.sq_errors.get(key)
+    if sq is None:
+        sq = entry.sq_errors[key] = act_sq_errors(entry.x, p).flatten(1)  # [A, numel]
+    entry.pending[key] -= 1
+    if not entry.pending[key]:
+        del entry.sq_errors[key]  # every reader has used it
+    costs = torch.mv(sq, g.detach().float().reshape(-1).square())  # [A]
+    sums.act_cost[name] = (0.5 * t_b) * costs.double() + sums.act_cost.get(name, 0)
 
 
 # -- weight costs (from the reduced Fisher) --------------------------------------------------------------
@@ -244,25 +358,54 @@ class WeightCost:
 def weight_costs(
     w: torch.Tensor, fisher: torch.Tensor, schemes: tuple[WeightScheme, ...] = WEIGHT_SCHEMES
 ) -> dict[str, WeightCost]:
-    """1/2 sum F (W - Q_c(W))^2 for every scheme c that fits K, at the clip ratio minimizing it."""
+    """1/2 sum F (W - Q_c(W))^2 for every scheme c that fits K, at the clip ratio minimizing it.
+
+    Schemes with the same group layout (group size, symmetric or not) share the grouped W, F and group ranges;
+    all clip ratios of a scheme are evaluated at once by broadcasting."""
     w, f = w.detach().float(), fisher.float()
+    k = w.shape[1]
+    fitting = [s for s in schemes if s.group_size(k) <= k]
+    layouts: dict[tuple[int, bool], list[WeightScheme]] = {}
+    for scheme in fitting:
+        layouts.setdefault((scheme.group_size(k), scheme.asymmetric), []).append(scheme)
+    parts: dict[WeightScheme, list[torch.Tensor]] = {s: [] for s in fitting}
+    for (g, asymmetric), family in layouts.items():
+        for rows in _row_chunks(w, len(CLIP_GRID)):
+            wg, fg = _grouped(w[rows], g), _grouped(f[rows], g)  # [n, G, g]
+            ranges = (wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)) if asymmetric else (wg.abs().amax(-1),)
+            for scheme in family:
+                parts[scheme].append(_clip_sweep(wg, fg, scheme, _clips(scheme), ranges))
     out: dict[str, WeightCost] = {}
-    for scheme in schemes:
-        if scheme.group_size(w.shape[1]) > w.shape[1]:
-            continue
-        clips = _clips(scheme)
-        blocks = torch.cat([_clip_sweep(w[rows], f[rows], scheme, clips) for rows in _row_chunks(w, len(clips))], 1)
+    for scheme in fitting:
+        blocks = torch.cat(parts.pop(scheme), 1)  # [C, N, G]
         totals = blocks.double().sum((1, 2))  # [C]
         best = int(torch.argmin(totals))
-        out[str(scheme)] = WeightCost(float(totals[best]), clips[best], blocks[best].to(torch.float16))
+        out[str(scheme)] = WeightCost(float(totals[best]), _clips(scheme)[best], blocks[best].to(torch.float16))
     return out
 
 
-def _clip_sweep(w: torch.Tensor, f: torch.Tensor, scheme: WeightScheme, clips: tuple[float, ...]) -> torch.Tensor:
-    """Block costs for every clip ratio at once: [C, rows, G] (rows stacked C times, one clip per copy)."""
-    c = torch.tensor(clips, dtype=w.dtype).repeat_interleave(w.shape[0])[:, None]  # [C * rows, 1]
-    n = len(clips)
-    return block_costs(w.repeat(n, 1), f.repeat(n, 1), scheme, c).reshape(n, w.shape[0], -1)
+def _grouped(t: torch.Tensor, g: int) -> torch.Tensor:
+    """[N, K] -> [N, G, g], zero-padded to whole groups (padding has F = 0 and costs nothing)."""
+    return F.pad(t, (0, -t.shape[1] % g)).reshape(t.shape[0], -1, g)
+
+
+def _clip_sweep(
+    wg: torch.Tensor, fg: torch.Tensor, scheme: WeightScheme, clips: tuple[float, ...], ranges: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Block costs 1/2 sum_g F (W - Q(W))^2 for every clip ratio, [C, n, G]: the float operations of
+    quantize_weight + dequantize_weight (codes kept in float: they are exact integers), with the clip ratios
+    broadcast against the group ranges (`ranges`: (min, max) when asymmetric, else (max|W|,), each [n, G])."""
+    c = torch.tensor(clips, dtype=wg.dtype)[:, None, None]  # [C, 1, 1]
+    qmax = scheme.qmax
+    if scheme.asymmetric:
+        lo, hi = ranges[0] * c, ranges[1] * c  # [C, n, G]
+        s = _round_scale((hi - lo) / qmax, down=True)
+        z = torch.round(-lo / s).clamp(0, qmax)[..., None]
+        q = torch.round(wg / s[..., None]).add_(z).clamp_(0, qmax).sub_(z)  # [C, n, G, g]
+    else:
+        s = _round_scale(ranges[0] * c / qmax)
+        q = torch.round(wg / s[..., None]).clamp_(-qmax - 1, qmax)
+    return q.mul_(s[..., None]).sub_(wg).square_().mul_(fg).sum(-1).mul_(0.5)  # 1/2 F (Q(W) - W)^2 per group
 
 
 def _row_chunks(w: torch.Tensor, copies: int, max_elements: int = 1 << 24) -> list[slice]:

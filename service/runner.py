@@ -254,6 +254,7 @@ class JobRun:
         spec = self.spec
         calib = calibration_set(loaded.data, loaded.tokenizer, samples=spec.samples, seq_len=loaded.seq_len,
                                 seed=spec.seed)
+        self._fetch_table(loaded.net, calib)
         table, cached = sensitivity_table(loaded.net, calib, model_name=spec.model, workers=self.workers,
                                           address=self.address, progress=self.runner.progress)
         log.info("job %d: sensitivity table %s (%s)", self.job.id, table.key, "reused" if cached else "computed")
@@ -263,6 +264,19 @@ class JobRun:
         loaded.calibration = calib
         loaded.windows = windows
         return SearchInputs(loaded.net, table, calib.tokens, windows, layer_shapes(loaded.net))
+
+    def _fetch_table(self, net: Any, calibration: Any) -> None:
+        """A table another runner stored (e.g. on another machine) goes into the local cache, so it is reused."""
+        from workers.pipeline import cached_table_path, table_identity
+
+        key = table_identity(net, calibration)[0]
+        path = cached_table_path(key)
+        record = self.repo.get_table(key)
+        if path.is_file() or record is None or record.sha256 is None or not self.store.exists(record.sha256):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.store.get_file(record.sha256, path)
+        log.info("job %d: sensitivity table %s fetched from the artifact store", self.job.id, key)
 
     def _keep_table(self, table: Any, model_id: int) -> None:
         """Archive the table in the artifact store and index it by key (first writer wins)."""

@@ -82,6 +82,19 @@ def sensitivity_cache_dir() -> Path:
     return Path(root) / "sensitivity"
 
 
+def table_identity(model: nn.Module, calibration: CalibrationSet, *, micro_batch: int = 1) -> tuple[str, str, dict]:
+    """(key, model fingerprint, estimator settings) of the table for this model and calibration set."""
+    fingerprint = model_fingerprint(model)
+    estimator = {"version": ESTIMATOR_VERSION, "micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES],
+                 "clip_grid": CLIP_GRID}
+    return table_key(fingerprint, calibration.spec_dict(), estimator), fingerprint, estimator
+
+
+def cached_table_path(key: str) -> Path:
+    """Where the table with `key` is cached (whether or not it is there)."""
+    return sensitivity_cache_dir() / f"{key}.safetensors"
+
+
 def sensitivity_table(
     model: nn.Module,
     calibration: CalibrationSet,
@@ -97,11 +110,8 @@ def sensitivity_table(
     on Ray and cached. Returns (table, cached)."""
     from workers.tasks import compute_sensitivity  # Ray is imported only when a table must be computed
 
-    fingerprint = model_fingerprint(model)
-    estimator = {"version": ESTIMATOR_VERSION, "micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES],
-                 "clip_grid": CLIP_GRID}
-    key = table_key(fingerprint, calibration.spec_dict(), estimator)
-    path = sensitivity_cache_dir() / f"{key}.safetensors"
+    key, fingerprint, estimator = table_identity(model, calibration, micro_batch=micro_batch)
+    path = cached_table_path(key)
     if cache and path.is_file():
         log.info("reusing cached sensitivity table %s", path)
         return SensitivityTable.load(path), True

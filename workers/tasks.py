@@ -85,7 +85,11 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def _threads(workers: int) -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+    """CPUs per task: the cluster's CPUs shared by `workers` tasks, but never more than one node has (a task
+    asking for more than the largest node could never be scheduled on a cluster of small nodes)."""
+    total = int(ray.cluster_resources().get("CPU", 1))
+    largest = max((int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    return max(1, min(largest, total // workers))
 
 
 # -- remote functions (each sets its torch threads to the CPUs Ray gave it) -----------------------------------

@@ -1,5 +1,6 @@
 """The job runner end to end on converted stories260K: run, leaderboard, show, export + apply, bad input, and a
-runner process killed mid-job whose job a restarted runner finishes without recomputing the sensitivity table."""
+runner process killed mid-job whose job a restarted runner (with an empty local cache) finishes without recomputing
+the sensitivity table."""
 
 from __future__ import annotations
 
@@ -156,6 +157,8 @@ def test_killed_runner_job_is_resumed_without_recomputing(env, ray_local, monkey
         raise AssertionError("the restarted runner recomputed the sensitivity table")
 
     monkeypatch.setattr("workers.tasks.compute_sensitivity", no_recompute)
+    # the restarted runner is "another machine": an empty local cache, so the table comes from the store
+    monkeypatch.setenv("QUANTPLAN_CACHE_DIR", str(Path(env["root"]) / "cache-of-another-runner"))
     runner = Runner(repo, store, config=RunnerConfig(heartbeat_interval=0.5, stale_after=2.0))
     assert wait_for(lambda: repo.requeue_stale(2.0).requeued == (job.id,), timeout=30)
     done = runner.run_once()

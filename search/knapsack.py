@@ -9,8 +9,12 @@ per cell, so the cost is O(layers x schemes x options x cells).
 Exactness: the grid unit is the gcd of every extra size whenever that leaves at most `max_cells` cells; the
 result is then the exact optimum. Otherwise the unit is coarser and extra sizes are rounded *up*, so the
 plan is still within the budget and `lower_bound` (the Lagrangian dual) bounds how far from optimal it can be.
-A cap on a8-dynamic layers is met by a penalty mu per a8-dynamic layer, bisected until the cap holds
-(Lagrangian relaxation of the second constraint: exact when the cap does not bind or is met with equality).
+A cap on a8-dynamic layers: where every activation scheme a group may take allows the same weight options (always
+so under `--act-bits 8`), the activation choice only adds a constant per layer and never changes a size, so the
+problem splits exactly into the weight knapsack above and an activation assignment under the cap (a small
+0/1 knapsack over groups, cells = a8-dynamic layers): one DP, exact on an exact grid. Otherwise a penalty mu per
+a8-dynamic layer is bisected until the cap holds (Lagrangian relaxation of the second constraint: exact when the
+cap does not bind or is met with equality).
 """
 
 from __future__ import annotations
@@ -53,11 +57,17 @@ def solve(problem: Problem, *, max_cells: int = MAX_CELLS) -> KnapsackResult:
     start = time.perf_counter()
     grid = _grid(problem, max_cells)
     choice, mu = _solve(problem, grid, 0.0), 0.0
+    bound = dual_bound(problem)
     cap = problem.dynamic_cap
     if cap is not None and problem.dynamic_layers(choice) > cap:
-        choice, mu = _cap(problem, grid, cap)
+        capped = _cap_separable(problem, grid, choice, cap)
+        if capped is not None:  # the split is exact: the weight part's bound plus the exact activation part
+            bound += float(problem.take(problem.cost, capped).sum() - problem.take(problem.cost, choice).sum())
+            choice = capped
+        else:
+            choice, mu = _cap(problem, grid, cap)
+            bound = dual_bound(problem, mu)
     loss = float(problem.take(problem.cost, choice).sum())
-    bound = dual_bound(problem, mu)
     exact = grid.exact and (mu == 0 or problem.dynamic_layers(choice) == cap)
     return KnapsackResult(choice, loss, problem.total_size(choice), exact, min(bound, loss), grid.cells,
                           time.perf_counter() - start)
@@ -148,6 +158,56 @@ def _backtrack(problem: Problem, grid: _Grid, trace: list) -> np.ndarray:
             choice[i] = a * problem.shape[2] + w
             c -= int(grid.extra[i, a, w])
     return choice
+
+
+def _cap_separable(problem: Problem, grid: _Grid, choice: np.ndarray, cap: int) -> np.ndarray | None:
+    """`choice` (the uncapped optimum) with each group's activation scheme re-assigned to meet the cap, exactly;
+    None when some group's activation schemes allow different weight options (the split does not hold)."""
+    dyn_groups, saving, other, sizes = [], [], [], []
+    for g, members in enumerate(problem.groups):
+        acts = np.flatnonzero(problem.group_acts(g))
+        if lagrange.DYN not in acts:
+            continue
+        idx = list(members)
+        pattern = grid.extra[idx, lagrange.DYN] >= 0  # [members, W]
+        if any(((grid.extra[idx, a] >= 0) != pattern).any() for a in acts):
+            return None
+        w0 = pattern.argmax(axis=1)  # any allowed option: the act cost is the same for all of them
+        totals = {int(a): float(problem.cost[idx, a, w0].sum()) for a in acts}
+        best_other = min((a for a in totals if a != lagrange.DYN), key=totals.get, default=None)
+        dyn_groups.append(g)
+        other.append(best_other)
+        saving.append(np.inf if best_other is None else totals[best_other] - totals[lagrange.DYN])
+        sizes.append(len(members))
+    take = _dynamic_assignment(np.array(saving), np.array(sizes, dtype=np.int64), cap)
+    choice = choice.copy()
+    width = problem.shape[2]
+    for g, a, dynamic in zip(dyn_groups, other, take.tolist(), strict=True):
+        idx = list(problem.groups[g])
+        choice[idx] = (lagrange.DYN if dynamic else a) * width + choice[idx] % width
+    return choice
+
+
+def _dynamic_assignment(saving: np.ndarray, sizes: np.ndarray, cap: int) -> np.ndarray:
+    """[G] bool: which groups take a8-dynamic, maximizing the saving with at most `cap` layers (0/1 knapsack,
+    cells = layers). A group without another scheme (saving inf) must take it."""
+    forced = np.isinf(saving)
+    room = cap - int(sizes[forced].sum())
+    if room < 0:
+        raise AssertionError("a8-dynamic is the only activation scheme of too many layers")
+    best, keep = np.zeros(room + 1), []  # best[c]: the largest saving with at most c dynamic layers
+    for s, n in zip(saving.tolist(), sizes.tolist(), strict=True):
+        better = np.zeros(room + 1, dtype=bool)
+        if 0 < s < np.inf and n <= room:
+            candidate = best[: room + 1 - n] + s
+            better[n:] = candidate > best[n:]
+            best[n:] = np.where(better[n:], candidate, best[n:])
+        keep.append(better)
+    take, c = forced.copy(), room
+    for g in reversed(range(len(saving))):
+        if keep[g][c]:
+            take[g], c = True, c - int(sizes[g])
+    return take
 
 
 def _cap(problem: Problem, grid: _Grid, cap: int) -> tuple[np.ndarray, float]:

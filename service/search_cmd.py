@@ -2,7 +2,9 @@
 
 Steps: the sensitivity table (computed on Ray and cached, or `--table`), the exact knapsack optimum, an Optuna
 study in the project database (resumed when the same search runs again), then the best Pareto plans under the
-budget and the fixed baselines re-scored by measured perplexity/KL on held-out tokens (Ray). Heavy modules
+budget and the fixed baselines re-scored by measured perplexity/KL on held-out tokens (Ray); with
+`--select perplexity` also the knapsack optima of restricted sub-spaces, chosen by perplexity on a selection slice
+kept apart from the reported tokens. Heavy modules
 (torch, transformers, optuna, ray) are imported inside the command, so `quantplan --help` stays fast.
 """
 
@@ -32,6 +34,7 @@ log = logging.getLogger("service.search")
 COLUMNS = ("plan", "avg_bits", "bytes", "pred_loss", "ppl", "kl", "fits")
 FORMATS = {"avg_bits": ".3f", "bytes": ",d", "pred_loss": ".3e", "ppl": ".3f", "kl": ".4f"}
 SHOWN_PARETO = 12  # the table shows the references, the evaluated plans and this many more of the front
+SELECT = ("kl", "perplexity")
 
 _Opt = typer.Option
 
@@ -44,22 +47,30 @@ class SearchReport:
     result: SearchResult
     measured: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> PlanEval.to_dict()
     best: Candidate | None = None
+    variants: list[Candidate] = field(default_factory=list)  # sub-space optima (search.variants), when measured
+    selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> PlanEval on the selection slice
+    select: str = "kl"
 
     def rows(self) -> list[dict[str, Any]]:
-        """Pareto set and references (deduplicated), each with its measured numbers where evaluated."""
+        """Pareto set, references and variants (deduplicated), each with its measured numbers where evaluated."""
         seen, rows = set(), []
-        for c in self.result.references + self.result.pareto:
+        for c in self.result.references + self.variants + self.result.pareto:
             if c.label in seen:
                 continue
             seen.add(c.label)
             on_front = any(p.label == c.label for p in self.result.pareto)
-            rows.append({**c.summary(), "pareto": on_front, **_measured(self.measured.get(c.label))})
+            rows.append({**c.summary(), "pareto": on_front, **_measured(self.measured.get(c.label)),
+                         **_selected(self.selection.get(c.label))})
         return rows
 
 
 def _measured(result: dict[str, Any] | None) -> dict[str, Any]:
     keys = ("perplexity", "kl", "base_perplexity", "tokens")
     return {k: result[k] for k in keys} if result else {}
+
+
+def _selected(result: dict[str, Any] | None) -> dict[str, Any]:
+    return {"select_perplexity": result["perplexity"], "select_kl": result["kl"]} if result else {}
 
 
 def search_command(
@@ -102,6 +113,14 @@ def search_command(
     eval_samples: Annotated[int | None, _Opt("--eval-samples", min=1, help="Evaluate at most N windows.")] = None,
     eval_baselines: Annotated[bool, _Opt("--eval-baselines/--no-eval-baselines", help="Measure the fixed "
                                          "baselines too when --eval-top > 0.")] = True,
+    select: Annotated[str, _Opt("--select", help="How the measured plan written to --out is chosen: kl (least KL "
+                                "on the evaluation windows) | perplexity (also measures the knapsack optima of "
+                                "restricted sub-spaces; least perplexity on the selection slice).")] = "kl",
+    select_data: Annotated[str | None, _Opt("--select-data", help="Selection slice for --select perplexity "
+                                            "(default: the validation split of --data; keep it apart from the "
+                                            "evaluation text).")] = None,
+    select_samples: Annotated[int | None, _Opt("--select-samples", min=1, help="Selection windows (default: "
+                                               "--eval-samples; the last ones of the split).")] = None,
     workers: Annotated[int, _Opt("--workers", min=1, help="Parallel Ray workers.")] = 1,
     ray_address: Annotated[str | None, _Opt("--ray-address", help="Ray cluster address (env "
                                             "QUANTPLAN_RAY_ADDRESS); default local.")] = None,
@@ -115,14 +134,23 @@ def search_command(
     from search.study import StudySettings
 
     budget = Budget(budget_bits, budget_mb)  # bad input fails before any model is loaded
+    _check_select(select)
     space = SearchSpace(act_bits, symmetry, low_bits, _split(weights), skip, max_dynamic_share)
     settings = StudySettings(trials, trial_space, seed, study, db)
     inputs = _load_inputs(model, data, eval_data, table, samples, seq_len, eval_samples, dtype, seed,
-                          workers, ray_address, eval_top > 0)
+                          workers, ray_address, eval_top > 0, select_data=select_data,
+                          select_samples=select_samples or eval_samples, need_select=select == "perplexity")
     report = run_pipeline(inputs, budget, space, settings, eval_top=eval_top, eval_baselines=eval_baselines,
-                          workers=workers, address=ray_address, progress=not json_out)
+                          workers=workers, address=ray_address, progress=not json_out, select=select)
     path = report.problem.plan(report.best, meta=_plan_meta(report, model)).save(out)
     _print(report, model, path, json_out)
+
+
+def _check_select(select: str) -> None:
+    from search.space import SearchError
+
+    if select not in SELECT:
+        raise SearchError(f"unknown --select {select!r}: use one of {', '.join(SELECT)}")
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -138,10 +166,11 @@ class SearchInputs:
     calib_tokens: Any
     windows: Any | None
     shapes: dict[str, tuple[int, int]]
+    select_windows: Any | None = None  # the selection slice for select="perplexity", apart from `windows`
 
 
 def _load_inputs(model, data, eval_data, table_path, samples, seq_len, eval_samples, dtype, seed, workers,
-                 address, need_windows) -> SearchInputs:
+                 address, need_windows, *, select_data=None, select_samples=None, need_select=False) -> SearchInputs:
     from quant.apply import layer_shapes
     from workers.data import DataSpec, calibration_set, eval_windows
     from workers.models import load_model
@@ -152,10 +181,25 @@ def _load_inputs(model, data, eval_data, table_path, samples, seq_len, eval_samp
     seq_len = seq_len or min(512, int(getattr(net.config, "max_position_embeddings", 512)))
     calib = calibration_set(spec, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
     info = _table(net, model, calib, table_path, workers, address)
-    windows = None
+    windows = select_windows = None
     if need_windows:
         windows = eval_windows(eval_spec, tokenizer, seq_len=seq_len, max_windows=eval_samples, split="test")
-    return SearchInputs(net, info, calib.tokens, windows, layer_shapes(net))
+        if need_select:
+            select_spec = DataSpec.parse(select_data) if select_data else spec
+            select_windows = _select_windows(select_spec, eval_spec, tokenizer, seq_len, select_samples)
+    return SearchInputs(net, info, calib.tokens, windows, layer_shapes(net), select_windows)
+
+
+def _select_windows(spec: Any, eval_spec: Any, tokenizer: Any, seq_len: int, count: int | None) -> Any:
+    """The last `count` windows of the selection text's validation split; a warning when that text is the
+    evaluation text itself (the reported numbers would then not be held out from the choice)."""
+    from workers.data import eval_windows, load_text
+
+    windows = eval_windows(spec, tokenizer, seq_len=seq_len, split="validation")
+    if load_text(spec, "validation") == load_text(eval_spec, "test"):
+        log.warning("the selection slice (%s) is the evaluation text: the reported perplexity is not held out "
+                    "from the choice; pass --select-data or --eval-data", spec)
+    return windows if count is None else windows[-count:]
 
 
 def _table(net: Any, model: str, calib: Any, path: Path | None, workers: int, address: str | None) -> TableInfo:
@@ -190,29 +234,40 @@ def run_pipeline(
     workers: int = 1,
     address: str | None = None,
     progress: bool = False,
+    select: str = "kl",
 ) -> SearchReport:
     """Compile the problem, run the study, measure the top candidates; the best plan is the measured best
-    within budget and space (least KL to the unquantized model), else the predicted best."""
+    within budget and space (`select`: least KL to the unquantized model on the evaluation windows, or least
+    perplexity on `inputs.select_windows`, else on the evaluation windows, among more candidates), else the
+    predicted best."""
     from search.problem import compile_problem
     from search.study import run_search
+    from search.variants import variants
 
+    _check_select(select)
     problem = compile_problem(inputs.table, space, budget, inputs.shapes)
     with _trial_progress(progress) as on_trial:
         result = run_search(problem, settings, on_trial=on_trial)
     log.info("study %s in %s: %d trials (%d new, %.0f/min); knapsack %s in %.2f s", result.study, result.storage,
              result.trials, result.new_trials, result.trials_per_minute,
              "exact" if result.knapsack.exact else "within its dual bound", result.knapsack.seconds)
-    report = SearchReport(problem, result, best=result.best())
+    report = SearchReport(problem, result, best=result.best(), select=select)
     if eval_top > 0 and inputs.windows is not None:
+        if select == "perplexity":
+            report.variants = variants(problem)
         _measure(report, inputs, _to_measure(report, eval_top, eval_baselines), workers, address, progress)
     return report
 
 
 def _to_measure(report: SearchReport, top: int, baselines: bool) -> list[Candidate]:
+    """The `top` best distinct plans within budget and space by prediction, the variants, the baselines."""
     fits = [c for c in report.result.references + report.result.pareto if c.under_budget and c.in_space]
     chosen: dict[tuple[str, ...], Candidate] = {}
     for c in sorted(fits, key=lambda c: c.predicted_loss):
         if len(chosen) < top:
+            chosen.setdefault(c.schemes, c)
+    for c in report.variants:
+        if c.under_budget and c.in_space:
             chosen.setdefault(c.schemes, c)
     refs = [c for c in report.result.references if c.recipe != "knapsack"] if baselines else []
     return list(chosen.values()) + [c for c in refs if c.schemes not in chosen]
@@ -227,7 +282,16 @@ def _measure(report: SearchReport, inputs: SearchInputs, candidates: list[Candid
                              address=address, progress=progress)
     report.measured = {c.label: r.to_dict() for c, r in zip(candidates, results, strict=True)}
     fits = [c for c in candidates if c.under_budget and c.in_space]
-    if fits:  # KL: the measured loss increase with far less sampling noise than a perplexity difference
+    if not fits:
+        return
+    if report.select == "perplexity":  # chosen on tokens the reported numbers do not include
+        held_out = inputs.select_windows if inputs.select_windows is not None else inputs.windows
+        chosen = evaluate_plans(inputs.net, [report.problem.plan(c) for c in fits], held_out, inputs.calib_tokens,
+                                workers=workers, address=address, progress=progress)
+        report.selection = {c.label: r.to_dict() for c, r in zip(fits, chosen, strict=True)}
+        report.best = min(fits, key=lambda c: (report.selection[c.label]["perplexity"],
+                                               report.selection[c.label]["kl"]))
+    else:  # KL: the measured loss increase with far less sampling noise than a perplexity difference
         report.best = min(fits, key=lambda c: (report.measured[c.label]["kl"], report.measured[c.label]["perplexity"]))
 
 
@@ -278,7 +342,8 @@ def _plan_meta(report: SearchReport, model: str) -> dict[str, Any]:
     return {"search": {
         "model": model, "study": report.result.study, "budget": report.problem.budget.to_dict(),
         "space": report.problem.space.to_dict(), "table": report.problem.table.key, **best.summary(),
-        **_measured(report.measured.get(best.label)),
+        **_measured(report.measured.get(best.label)), "select": report.select,
+        **_selected(report.selection.get(best.label)),
     }}
 
 
@@ -292,11 +357,13 @@ def _print(report: SearchReport, model: str, path: Path, json_out: bool) -> None
     shown = _thin(rows, report)
     for r in shown:
         r |= {"plan": ("* " if r["label"] == best.label else "") + r["label"], "pred_loss": r["predicted_loss"],
-              "ppl": r.get("perplexity"), "fits": _fits(r)}
+              "ppl": r.get("perplexity"), "sel_ppl": r.get("select_perplexity"), "fits": _fits(r)}
     base = next((m["base_perplexity"] for m in report.measured.values()), None)
     title = (f"budget {report.problem.budget.describe()}: {len(report.result.pareto)} Pareto plans (showing "
-             f"{len(shown)}){'' if base is None else f', unquantized ppl {base:.3f}'}")
-    stdout.print(table_view(title, COLUMNS, shown, FORMATS))
+             f"{len(shown)}){'' if base is None else f', unquantized ppl {base:.3f}'}"
+             f"{'; * = least sel_ppl (selection slice)' if report.selection else ''}")
+    columns = COLUMNS[:-1] + ("sel_ppl", "fits") if report.selection else COLUMNS
+    stdout.print(table_view(title, columns, shown, FORMATS | {"sel_ppl": ".3f"}))
     stderr.print(f"wrote the best plan ({best.label}) to {path}; browse the study with: "
                  f"optuna-dashboard {report.result.storage}", highlight=False, soft_wrap=True)
 
@@ -328,8 +395,9 @@ def _json_doc(report: SearchReport, model: str, path: Path, rows: list[dict[str,
         "seconds": result.seconds,
         "knapsack": {"exact": result.knapsack.exact, "lower_bound": result.knapsack.lower_bound,
                      "predicted_loss": result.knapsack.loss, "seconds": result.knapsack.seconds},
+        "select": report.select,
         "best": {**best.summary(), **_measured(report.measured.get(best.label)),
-                 "plan": report.problem.plan(best).to_dict()},
+                 **_selected(report.selection.get(best.label)), "plan": report.problem.plan(best).to_dict()},
         "out": str(path),
         "plans": rows,
     }

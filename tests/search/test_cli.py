@@ -37,9 +37,24 @@ def test_search_json_contract_and_resume(capsys, tmp_path: Path, stories_search)
     assert code == 0 and "Pareto plans" in out and "knapsack" in out
 
 
+def test_search_select_perplexity_json(capsys, tmp_path: Path, stories_search) -> None:
+    args = _args(stories_search, tmp_path, "--budget-bits", "4.25", "--trials", "10", "--eval-top", "1",
+                 "--workers", "2", "--select", "perplexity", "--select-samples", "4", "--json")
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    doc = json.loads(out)
+    selected = [p for p in doc["plans"] if "select_perplexity" in p]
+    assert doc["select"] == "perplexity" and any(p["recipe"] == "knapsack:sym" for p in selected)
+    assert doc["best"]["select_perplexity"] == min(p["select_perplexity"] for p in selected)
+    assert all("perplexity" in p for p in selected)  # reported on the evaluation windows too
+    assert Plan.load(doc["out"]).meta["search"]["select"] == "perplexity"
+
+
 def test_search_errors(capsys, tmp_path: Path, stories_search) -> None:
     code, _, err = run_cli(capsys, *_args(stories_search, tmp_path))
     assert code == 1 and "give exactly one budget" in err
+    code, _, err = run_cli(capsys, *_args(stories_search, tmp_path, "--budget-bits", "5", "--select", "ppl"))
+    assert code == 1 and "unknown --select 'ppl'" in err
     code, _, err = run_cli(capsys, *_args(stories_search, tmp_path, "--budget-bits", "3", "--eval-top", "0"))
     assert code == 1 and "infeasible" in err and "--budget-bits to at least 4.2" in err
     code, _, err = run_cli(capsys, *_args(stories_search, tmp_path, "--budget-bits", "5", "--weights", "w4g7"))

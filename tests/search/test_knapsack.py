@@ -74,7 +74,8 @@ def test_knapsack_with_both_activation_widths(table: TableInfo, bits: float) -> 
 
 @SETTINGS
 @given(table=small_tables(8), bits=st.floats(4.0, 9.0), share=st.floats(0.0, 1.0))
-def test_dynamic_cap_is_respected(table: TableInfo, bits: float, share: float) -> None:
+def test_dynamic_cap_equals_brute_force(table: TableInfo, bits: float, share: float) -> None:
+    """W4A8: the activation choice splits off exactly, so the capped optimum equals brute force under the cap."""
     space = SearchSpace(act_bits=8, symmetry="sym", weights=SMALL_WEIGHTS, max_dynamic_share=share)
     try:
         problem = compile_problem(table, space, Budget(avg_bits=bits))
@@ -82,11 +83,35 @@ def test_dynamic_cap_is_respected(table: TableInfo, bits: float, share: float) -
         return
     result = knapsack.solve(problem)
     best = brute_force(problem, problem.dynamic_cap)
+    uncapped = brute_force(problem)
+    event("cap binds" if best[0] > uncapped[0] * (1 + 1e-12) else "cap does not bind")
     assert problem.dynamic_layers(result.choice) <= problem.dynamic_cap
-    assert result.size <= problem.limit
-    assert result.loss >= best[0] * (1 - 1e-9)  # feasible, so never better than the optimum
-    if result.exact:
-        assert result.loss == pytest.approx(best[0], rel=1e-9, abs=1e-15)
+    assert result.size <= problem.limit and result.size == problem.total_size(result.choice)
+    assert result.exact
+    assert result.loss == pytest.approx(best[0], rel=1e-9, abs=1e-15)
+    assert result.lower_bound <= best[0] * (1 + 1e-9)
+    _check_within(problem, result.choice, problem.budget)
+
+
+@SETTINGS
+@given(table=small_tables(8), bits=st.floats(4.0, 9.0), share=st.floats(0.0, 1.0))
+def test_dynamic_cap_penalty_fallback_is_feasible(table: TableInfo, bits: float, share: float) -> None:
+    """The penalty bisection (used where activation schemes allow different weights) meets the cap and the
+    budget and is never better than the exact optimum."""
+    space = SearchSpace(act_bits=8, symmetry="sym", weights=SMALL_WEIGHTS, max_dynamic_share=share)
+    try:
+        problem = compile_problem(table, space, Budget(avg_bits=bits))
+    except BudgetError:
+        return
+    grid = knapsack._grid(problem, knapsack.MAX_CELLS)
+    if problem.dynamic_layers(knapsack._solve(problem, grid, 0.0)) <= problem.dynamic_cap:
+        return
+    choice, mu = knapsack._cap(problem, grid, problem.dynamic_cap)
+    best = brute_force(problem, problem.dynamic_cap)[0]
+    assert problem.dynamic_layers(choice) <= problem.dynamic_cap
+    assert problem.total_size(choice) <= problem.limit
+    assert float(problem.take(problem.cost, choice).sum()) >= best * (1 - 1e-9)
+    assert knapsack.dual_bound(problem, mu) <= best * (1 + 1e-9)
 
 
 @SETTINGS
@@ -130,10 +155,15 @@ def test_equals_brute_force_on_eight_real_shaped_layers() -> None:
         assert result.loss == pytest.approx(brute_force(problem)[0], rel=1e-12)
 
 
-def test_seven_b_table_is_solved_within_budget() -> None:
-    """224 layers shaped like Llama-2 7B: a coarse grid, feasible, within 0.5% of the dual bound."""
-    problem = compile_problem(synthetic_table(32, LLAMA_7B), SearchSpace(act_bits=8), Budget(avg_bits=4.25))
+@pytest.mark.parametrize("share", [None, 0.5, 0.2])
+def test_seven_b_table_is_solved_within_budget(share: float | None) -> None:
+    """224 layers shaped like Llama-2 7B: a coarse grid, feasible, within 0.5% of the dual bound (with the cap
+    binding too: the uncapped optimum takes a8-dynamic almost everywhere)."""
+    space = SearchSpace(act_bits=8, max_dynamic_share=share)
+    problem = compile_problem(synthetic_table(32, LLAMA_7B), space, Budget(avg_bits=4.25))
     result = knapsack.solve(problem)
     assert result.size <= problem.limit
     assert result.loss - result.lower_bound <= 5e-3 * result.loss
+    if share is not None:
+        assert problem.dynamic_layers(result.choice) <= problem.dynamic_cap
     _check_within(problem, result.choice, problem.budget)

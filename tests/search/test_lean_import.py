@@ -8,7 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ("search", "search.space", "search.budget", "search.problem", "search.knapsack", "search.lagrange",
-           "search.recipes", "search.trials", "search.study", "search.synthetic", "service.search_cmd")
+           "search.recipes", "search.trials", "search.study", "search.synthetic", "search.variants",
+           "service.search_cmd")
 
 
 def test_search_does_not_import_torch() -> None:

@@ -22,7 +22,7 @@ unreachable. The job runner is separate (`quantplan runner`, or the runners `qua
 import hmac
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -80,8 +80,9 @@ class Services:
 
 
 def create_app(settings: StorageSettings | None = None, *, repo: Repository | None = None,
-               store: ArtifactStore | None = None) -> FastAPI:
-    """The API over the database and store named by `settings` (default: `load_settings()`)."""
+               store: ArtifactStore | None = None, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The API over the database and store named by `settings` (default: `load_settings()`); `on_shutdown` runs
+    when the server stops (before uvicorn re-raises the signal that stopped it)."""
     settings = settings or (repo.settings if repo is not None else load_settings())
     services = Services(settings, repo, store)
     if not services.tokens:
@@ -90,6 +91,8 @@ def create_app(settings: StorageSettings | None = None, *, repo: Repository | No
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        if on_shutdown is not None:
+            on_shutdown()
         if repo is None:
             services.repo.close()
 

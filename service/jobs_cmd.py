@@ -144,6 +144,8 @@ def runner_command(
     max_attempts: Annotated[int, _Opt("--max-attempts", min=1, help="Claims before a failing job is failed.")] = 3,
     max_jobs: Annotated[int | None, _Opt("--max-jobs", min=1, help="Exit after running N jobs.")] = None,
     once: Annotated[bool, _Opt("--once", help="Run at most one queued job, then exit.")] = False,
+    parent_pid: Annotated[int | None, _Opt("--parent-pid", hidden=True, help="Exit when this process is gone "
+                                           "(set by `quantplan serve`).")] = None,
 ) -> None:
     """Claim and run queued jobs until stopped (Ctrl-C / SIGTERM finish the current stage check and exit)."""
     from service.runner import Runner, RunnerConfig
@@ -158,8 +160,18 @@ def runner_command(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True).start()
     ran = runner.serve(stop, poll=poll, max_jobs=max_jobs)
     stderr.print(f"runner {runner.id} stopped after {ran} job(s)", highlight=False)
+
+
+def _exit_with_parent(pid: int, stop: threading.Event) -> None:
+    """Stop the runner when the process that started it is gone (even if it was killed with SIGKILL)."""
+    while not stop.wait(2.0):
+        if os.getppid() != pid:
+            log.warning("runner: parent process %d is gone; stopping after the current job", pid)
+            stop.set()
 
 
 def leaderboard_command(

@@ -209,14 +209,15 @@ def serve_command(
                      f"  export QUANTPLAN_TOKEN={token}", highlight=False)
     repo = Repository(settings=settings)  # migrates the schema once, before the runners start
     argv = [sys.executable, "-m", "service.cli", "runner", "--heartbeat", str(heartbeat), "--stale-after",
-            str(stale_after)]
+            str(stale_after), "--parent-pid", str(os.getpid())]
     env = {"QUANTPLAN_DATABASE_URL": settings.database_url, "QUANTPLAN_ARTIFACTS": settings.artifacts}
     if settings.ray_address:  # through the environment: a database password stays out of `ps`
         env["QUANTPLAN_RAY_ADDRESS"] = settings.ray_address
     pool = RunnerPool(argv, runners, env)
     pool.start()
     try:
-        uvicorn.run(create_app(settings, repo=repo), host=host, port=port, log_level="info",
+        # the pool stops in the app's shutdown: uvicorn re-raises SIGTERM/SIGINT after it, ending this process
+        uvicorn.run(create_app(settings, repo=repo, on_shutdown=pool.stop), host=host, port=port, log_level="info",
                     timeout_graceful_shutdown=5)
     finally:
         pool.stop()
@@ -251,6 +252,8 @@ class RunnerPool:
                     self.procs[i] = self._spawn()
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         for proc in self.procs:
             if proc.poll() is None:

@@ -231,6 +231,20 @@ def test_end_to_end_submit_poll_leaderboard_download_apply(capsys, tmp_path, sto
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+    assert wait_for(lambda: not _children_of(proc.pid), timeout=30), "the server left its runner running"
+
+
+def _children_of(pid: int) -> list[int]:
+    """Runner processes started by `quantplan serve` with this pid (their command line names it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--parent-pid" in argv and str(pid).encode() in argv:
+            found.append(int(entry.name))
+    return found
 
 
 def _healthy(server: str) -> bool:

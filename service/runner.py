@@ -328,7 +328,8 @@ class JobRun:
         eval_info = {"data": dataset, "split": "test", "seq_len": loaded.seq_len,
                      "windows": int(loaded.windows.shape[0])}
         for i, candidate in enumerate(pending):
-            self.stage("materialize", PROGRESS["materialize"] + 0.2 * i / len(pending))
+            if i > 0:  # the stage itself was entered (and logged) before the first plan
+                self.stage("materialize", PROGRESS["materialize"] + 0.2 * i / len(pending))
             plan_id = plan_ids[candidate.schemes]
             plan = report.problem.plan(candidate, meta={"job": self.job.id, "plan_id": plan_id})
             with _scratch() as tmp:

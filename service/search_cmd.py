@@ -4,14 +4,15 @@ Steps: the sensitivity table (computed on Ray and cached, or `--table`), the exa
 study in the project database (resumed when the same search runs again), then the best Pareto plans under the
 budget and the fixed baselines re-scored by measured perplexity/KL on held-out tokens (Ray); with
 `--select perplexity` also the knapsack optima of restricted sub-spaces, chosen by perplexity on a selection slice
-kept apart from the reported tokens. Heavy modules
+kept apart from the reported tokens, and with `--refine N` a measured coordinate descent from the chosen plan
+(search.refine) on that slice. Heavy modules
 (torch, transformers, optuna, ray) are imported inside the command, so `quantplan --help` stays fast.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from quant.costs import TableInfo
     from search.budget import Budget
     from search.problem import Candidate, Problem
+    from search.refine import Refinement
     from search.space import SearchSpace
     from search.study import SearchResult, StudySettings
 
@@ -50,11 +52,12 @@ class SearchReport:
     variants: list[Candidate] = field(default_factory=list)  # sub-space optima (search.variants), when measured
     selection: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> PlanEval on the selection slice
     select: str = "kl"
+    refinement: Refinement | None = None  # the measured descent (search.refine), when --refine N > 0
 
     def rows(self) -> list[dict[str, Any]]:
         """Pareto set, references and variants (deduplicated), each with its measured numbers where evaluated."""
         seen, rows = set(), []
-        for c in self.result.references + self.variants + self.result.pareto:
+        for c in self.result.references + self.variants + self._refined() + self.result.pareto:
             if c.label in seen:
                 continue
             seen.add(c.label)
@@ -62,6 +65,18 @@ class SearchReport:
             rows.append({**c.summary(), "pareto": on_front, **_measured(self.measured.get(c.label)),
                          **_selected(self.selection.get(c.label))})
         return rows
+
+    def _refined(self) -> list[Candidate]:
+        """The descent's accepted steps after its start (the start is a row already)."""
+        return [c for c, _ in self.refinement.steps[1:]] if self.refinement else []
+
+    def refine_summary(self) -> dict[str, Any] | None:
+        r = self.refinement
+        if r is None:
+            return None
+        return {"start": r.steps[0][0].label, "start_select_perplexity": r.steps[0][1], "min_gain": r.min_gain,
+                "evaluations": r.evaluations, "moves": r.moves, "local_optimum": r.local_optimum,
+                "select_perplexity": r.steps[-1][1]}
 
 
 def _measured(result: dict[str, Any] | None) -> dict[str, Any]:
@@ -121,6 +136,13 @@ def search_command(
                                             "evaluation text).")] = None,
     select_samples: Annotated[int | None, _Opt("--select-samples", min=1, help="Selection windows (default: "
                                                "--eval-samples; the last ones of the split).")] = None,
+    refine: Annotated[int, _Opt("--refine", min=0, help="With --select perplexity: then at most N measured "
+                                "candidates of a coordinate descent from the chosen plan (one group's activation "
+                                "or one layer's weight scheme at a time, within the budget), on the selection "
+                                "slice; 0: none.")] = 0,
+    refine_tol: Annotated[float, _Opt("--refine-tol", min=0.0, max=0.5, help="A refinement step must lower the "
+                                      "selection perplexity by more than this fraction (smaller gains are "
+                                      "noise).")] = 0.001,
     workers: Annotated[int, _Opt("--workers", min=1, help="Parallel Ray workers.")] = 1,
     ray_address: Annotated[str | None, _Opt("--ray-address", help="Ray cluster address (env "
                                             "QUANTPLAN_RAY_ADDRESS); default local.")] = None,
@@ -134,23 +156,29 @@ def search_command(
     from search.study import StudySettings
 
     budget = Budget(budget_bits, budget_mb)  # bad input fails before any model is loaded
-    _check_select(select)
+    _check_select(select, refine)
     space = SearchSpace(act_bits, symmetry, low_bits, _split(weights), skip, max_dynamic_share)
     settings = StudySettings(trials, trial_space, seed, study, db)
     inputs = _load_inputs(model, data, eval_data, table, samples, seq_len, eval_samples, dtype, seed,
                           workers, ray_address, eval_top > 0, select_data=select_data,
                           select_samples=select_samples or eval_samples, need_select=select == "perplexity")
     report = run_pipeline(inputs, budget, space, settings, eval_top=eval_top, eval_baselines=eval_baselines,
-                          workers=workers, address=ray_address, progress=not json_out, select=select)
+                          workers=workers, address=ray_address, progress=not json_out, select=select,
+                          refine=refine, refine_tol=refine_tol)
     path = report.problem.plan(report.best, meta=_plan_meta(report, model)).save(out)
     _print(report, model, path, json_out)
 
 
-def _check_select(select: str) -> None:
+def _check_select(select: str, refine: int = 0) -> None:
     from search.space import SearchError
 
     if select not in SELECT:
         raise SearchError(f"unknown --select {select!r}: use one of {', '.join(SELECT)}")
+    if refine < 0:
+        raise SearchError(f"--refine must be >= 0, got {refine}")
+    if refine and select != "perplexity":
+        raise SearchError("--refine measures candidates on the selection slice: add --select perplexity (with "
+                          "--select kl it would choose on the reported windows)")
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -235,16 +263,19 @@ def run_pipeline(
     address: str | None = None,
     progress: bool = False,
     select: str = "kl",
+    refine: int = 0,
+    refine_tol: float = 0.001,
 ) -> SearchReport:
     """Compile the problem, run the study, measure the top candidates; the best plan is the measured best
     within budget and space (`select`: least KL to the unquantized model on the evaluation windows, or least
     perplexity on `inputs.select_windows`, else on the evaluation windows, among more candidates), else the
-    predicted best."""
+    predicted best; `refine` > 0 (select="perplexity") then descends from it, at most `refine` measurements,
+    each step a relative gain above `refine_tol`."""
     from search.problem import compile_problem
     from search.study import run_search
     from search.variants import variants
 
-    _check_select(select)
+    _check_select(select, refine)
     problem = compile_problem(inputs.table, space, budget, inputs.shapes)
     with _trial_progress(progress) as on_trial:
         result = run_search(problem, settings, on_trial=on_trial)
@@ -256,6 +287,10 @@ def run_pipeline(
         if select == "perplexity":
             report.variants = variants(problem)
         _measure(report, inputs, _to_measure(report, eval_top, eval_baselines), workers, address, progress)
+        if refine and report.selection:
+            _refine(report, inputs, refine, refine_tol, workers, address, progress)
+    elif refine:
+        log.warning("--refine %d needs measured plans (--eval-top > 0 and evaluation windows): not refined", refine)
     return report
 
 
@@ -293,6 +328,36 @@ def _measure(report: SearchReport, inputs: SearchInputs, candidates: list[Candid
                                                report.selection[c.label]["kl"]))
     else:  # KL: the measured loss increase with far less sampling noise than a perplexity difference
         report.best = min(fits, key=lambda c: (report.measured[c.label]["kl"], report.measured[c.label]["perplexity"]))
+
+
+def _refine(report: SearchReport, inputs: SearchInputs, max_evals: int, tol: float, workers: int,
+            address: str | None, progress: bool) -> None:
+    """Coordinate descent from the selected plan, measured on the selection slice; the plan it ends on is
+    measured on the evaluation windows too and becomes the best."""
+    from search.refine import refine
+    from workers.tasks import evaluate_plans
+
+    held_out = inputs.select_windows if inputs.select_windows is not None else inputs.windows
+
+    def measure(candidates: Sequence[Candidate]) -> list[float]:
+        plans = [report.problem.plan(c) for c in candidates]
+        results = evaluate_plans(inputs.net, plans, held_out, inputs.calib_tokens, workers=workers,
+                                 address=address, progress=progress)
+        report.selection |= {c.label: r.to_dict() for c, r in zip(candidates, results, strict=True)}
+        return [r.perplexity for r in results]
+
+    start = report.best
+    assert start is not None
+    descent = refine(report.problem, start, report.selection[start.label]["perplexity"], measure,
+                     max_evals=max_evals, batch=max(4, 2 * workers), min_gain=tol)
+    log.info("refinement: %d measured, %d moves accepted (%s), selection ppl %.3f -> %.3f", descent.evaluations,
+             len(descent.moves), "; ".join(descent.moves), descent.steps[0][1], descent.steps[-1][1])
+    steps = [c for c, _ in descent.steps[1:]]
+    if steps:  # the reported numbers of every accepted step, on the evaluation windows
+        results = evaluate_plans(inputs.net, [report.problem.plan(c) for c in steps], inputs.windows,
+                                 inputs.calib_tokens, workers=workers, address=address, progress=progress)
+        report.measured |= {c.label: r.to_dict() for c, r in zip(steps, results, strict=True)}
+    report.refinement, report.best = descent, descent.best
 
 
 def demo_search(
@@ -344,6 +409,7 @@ def _plan_meta(report: SearchReport, model: str) -> dict[str, Any]:
         "space": report.problem.space.to_dict(), "table": report.problem.table.key, **best.summary(),
         **_measured(report.measured.get(best.label)), "select": report.select,
         **_selected(report.selection.get(best.label)),
+        **({"refine": report.refine_summary()} if report.refinement else {}),
     }}
 
 
@@ -396,6 +462,7 @@ def _json_doc(report: SearchReport, model: str, path: Path, rows: list[dict[str,
         "knapsack": {"exact": result.knapsack.exact, "lower_bound": result.knapsack.lower_bound,
                      "predicted_loss": result.knapsack.loss, "seconds": result.knapsack.seconds},
         "select": report.select,
+        "refine": report.refine_summary(),
         "best": {**best.summary(), **_measured(report.measured.get(best.label)),
                  **_selected(report.selection.get(best.label)), "plan": report.problem.plan(best).to_dict()},
         "out": str(path),

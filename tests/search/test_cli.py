@@ -39,7 +39,7 @@ def test_search_json_contract_and_resume(capsys, tmp_path: Path, stories_search)
 
 def test_search_select_perplexity_json(capsys, tmp_path: Path, stories_search) -> None:
     args = _args(stories_search, tmp_path, "--budget-bits", "4.25", "--trials", "10", "--eval-top", "1",
-                 "--workers", "2", "--select", "perplexity", "--select-samples", "4", "--json")
+                 "--workers", "2", "--select", "perplexity", "--select-samples", "4", "--refine", "6", "--json")
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     doc = json.loads(out)
@@ -48,6 +48,10 @@ def test_search_select_perplexity_json(capsys, tmp_path: Path, stories_search) -
     assert doc["best"]["select_perplexity"] == min(p["select_perplexity"] for p in selected)
     assert all("perplexity" in p for p in selected)  # reported on the evaluation windows too
     assert Plan.load(doc["out"]).meta["search"]["select"] == "perplexity"
+    refined = doc["refine"]  # the descent from the selected plan, on the selection slice
+    assert refined["evaluations"] <= 6 and refined["min_gain"] == 0.001
+    assert len(refined["moves"]) == sum(p["recipe"] == "refined" for p in selected)
+    assert refined["select_perplexity"] == doc["best"]["select_perplexity"] <= refined["start_select_perplexity"]
 
 
 def test_search_errors(capsys, tmp_path: Path, stories_search) -> None:
@@ -55,6 +59,8 @@ def test_search_errors(capsys, tmp_path: Path, stories_search) -> None:
     assert code == 1 and "give exactly one budget" in err
     code, _, err = run_cli(capsys, *_args(stories_search, tmp_path, "--budget-bits", "5", "--select", "ppl"))
     assert code == 1 and "unknown --select 'ppl'" in err
+    code, _, err = run_cli(capsys, *_args(stories_search, tmp_path, "--budget-bits", "5", "--refine", "4"))
+    assert code == 1 and "--refine measures candidates on the selection slice" in err
     code, _, err = run_cli(capsys, *_args(stories_search, tmp_path, "--budget-bits", "3", "--eval-top", "0"))
     assert code == 1 and "infeasible" in err and "--budget-bits to at least 4.2" in err
     code, _, err = run_cli(capsys, *_args(stories_search, tmp_path, "--budget-bits", "5", "--weights", "w4g7"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ("search", "search.space", "search.budget", "search.problem", "search.knapsack", "search.lagrange",
-           "search.recipes", "search.trials", "search.study", "search.synthetic", "search.variants",
+           "search.recipes", "search.trials", "search.study", "search.synthetic", "search.variants", "search.refine",
            "service.search_cmd")
 
 

@@ -42,6 +42,13 @@ class JobSpec(BaseModel):
     space: Literal["structured", "per-layer"] = "structured"
     symmetry: Literal["sym", "asym", "both"] = "both"
     weights: list[str] | None = Field(None, max_length=64, description="Only these weight schemes.")
+    select: Literal["kl", "perplexity"] = Field("kl", description="Pick the plan by measured KL, or by perplexity "
+                                                "on a validation slice disjoint from the reported windows.")
+    select_data: str | None = Field(None, max_length=4096, description="Selection text (default: data, "
+                                                                       "validation split).")
+    select_samples: int | None = Field(None, ge=1, le=100_000)
+    refine: int = Field(0, ge=0, le=10_000, description="Measured refinement steps (needs select=perplexity).")
+    refine_tol: float = Field(0.001, ge=0, le=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     workers: int = Field(1, ge=1, le=1024)
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
@@ -50,6 +57,8 @@ class JobSpec(BaseModel):
     def _one_budget(self) -> JobSpec:
         if (self.budget_bits is None) == (self.budget_mb is None):
             raise ValueError("give exactly one budget: budget_bits or budget_mb")
+        if self.refine and self.select != "perplexity":
+            raise ValueError("refine needs select='perplexity' (it descends on the selection slice)")
         return self
 
     @classmethod

@@ -247,8 +247,8 @@ class JobRun:
 
     def _sensitivity(self, loaded: _Loaded) -> Any:
         from quant.apply import layer_shapes
-        from service.search_cmd import SearchInputs
-        from workers.data import calibration_set, eval_windows
+        from service.search_cmd import SearchInputs, selection_windows
+        from workers.data import DataSpec, calibration_set, eval_windows
         from workers.pipeline import sensitivity_table
 
         spec = self.spec
@@ -261,9 +261,14 @@ class JobRun:
         self._keep_table(table, loaded.model_id)
         windows = eval_windows(loaded.eval_data, loaded.tokenizer, seq_len=loaded.seq_len,
                                max_windows=spec.eval_samples, split="test")
+        select_windows = None
+        if spec.select == "perplexity":
+            select_spec = DataSpec.parse(spec.select_data) if spec.select_data else loaded.data
+            select_windows = selection_windows(select_spec, loaded.eval_data, loaded.tokenizer, loaded.seq_len,
+                                             spec.select_samples or spec.eval_samples)
         loaded.calibration = calib
         loaded.windows = windows
-        return SearchInputs(loaded.net, table, calib.tokens, windows, layer_shapes(loaded.net))
+        return SearchInputs(loaded.net, table, calib.tokens, windows, layer_shapes(loaded.net), select_windows)
 
     def _fetch_table(self, net: Any, calibration: Any) -> None:
         """A table another runner stored (e.g. on another machine) goes into the local cache, so it is reused."""
@@ -293,13 +298,14 @@ class JobRun:
         spec = self.spec
         settings = StudySettings(spec.trials, spec.space, spec.seed, f"job-{self.job.id}", self.repo.db.url)
         return run_pipeline(inputs, budget, space, settings, eval_top=spec.eval_top, workers=self.workers,
-                            address=self.address, progress=self.runner.progress)
+                            address=self.address, progress=self.runner.progress, select=spec.select,
+                            refine=spec.refine, refine_tol=spec.refine_tol)
 
     def _store(self, loaded: _Loaded, report: SearchReport) -> dict[tuple[str, ...], int]:
         """The Pareto set and the references with their predictions and measurements, in one transaction."""
         dataset = str(loaded.eval_data)
         candidates: dict[tuple[str, ...], Candidate] = {}
-        for c in report.result.pareto + report.result.references:
+        for c in report.candidates():
             candidates.setdefault(c.schemes, c)
         pareto = {c.schemes for c in report.result.pareto}
         new = []
@@ -373,7 +379,7 @@ def _to_materialize(report: SearchReport, top: int) -> list[Candidate]:
     """The search's best plan first, then the next measured plans within budget and space by measured KL."""
     if top <= 0 or report.best is None:
         return []
-    fits = [c for c in report.result.pareto + report.result.references
+    fits = [c for c in report.candidates()
             if c.under_budget and c.in_space and c.label in report.measured and c.label != report.best.label]
     fits.sort(key=lambda c: report.measured[c.label]["kl"])
     chosen: dict[tuple[str, ...], Candidate] = {report.best.schemes: report.best}

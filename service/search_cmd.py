@@ -54,13 +54,20 @@ class SearchReport:
     select: str = "kl"
     refinement: Refinement | None = None  # the measured descent (search.refine), when --refine N > 0
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Pareto set, references and variants (deduplicated), each with its measured numbers where evaluated."""
-        seen, rows = set(), []
+    def candidates(self) -> list[Candidate]:
+        """References, variants, refinement steps and the Pareto set, each label once."""
+        seen: set[str] = set()
+        out = []
         for c in self.result.references + self.variants + self._refined() + self.result.pareto:
-            if c.label in seen:
-                continue
-            seen.add(c.label)
+            if c.label not in seen:
+                seen.add(c.label)
+                out.append(c)
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every candidate (see `candidates`) with its measured numbers where evaluated."""
+        rows = []
+        for c in self.candidates():
             on_front = any(p.label == c.label for p in self.result.pareto)
             rows.append({**c.summary(), "pareto": on_front, **_measured(self.measured.get(c.label)),
                          **_selected(self.selection.get(c.label))})
@@ -214,11 +221,11 @@ def _load_inputs(model, data, eval_data, table_path, samples, seq_len, eval_samp
         windows = eval_windows(eval_spec, tokenizer, seq_len=seq_len, max_windows=eval_samples, split="test")
         if need_select:
             select_spec = DataSpec.parse(select_data) if select_data else spec
-            select_windows = _select_windows(select_spec, eval_spec, tokenizer, seq_len, select_samples)
+            select_windows = selection_windows(select_spec, eval_spec, tokenizer, seq_len, select_samples)
     return SearchInputs(net, info, calib.tokens, windows, layer_shapes(net), select_windows)
 
 
-def _select_windows(spec: Any, eval_spec: Any, tokenizer: Any, seq_len: int, count: int | None) -> Any:
+def selection_windows(spec: Any, eval_spec: Any, tokenizer: Any, seq_len: int, count: int | None) -> Any:
     """The last `count` windows of the selection text's validation split; a warning when that text is the
     evaluation text itself (the reported numbers would then not be held out from the choice)."""
     from workers.data import eval_windows, load_text
@@ -358,35 +365,6 @@ def _refine(report: SearchReport, inputs: SearchInputs, max_evals: int, tol: flo
                                  inputs.calib_tokens, workers=workers, address=address, progress=progress)
         report.measured |= {c.label: r.to_dict() for c, r in zip(steps, results, strict=True)}
     report.refinement, report.best = descent, descent.best
-
-
-def demo_search(
-    net: Any,
-    model_name: str,
-    calibration: Any,
-    windows: Any,
-    *,
-    budget_bits: float = 4.25,
-    trials: int = 200,
-    storage: str | None = None,
-    workers: int = 1,
-    cache: bool = True,
-    progress: bool = False,
-) -> SearchReport:
-    """Sensitivity + search at `budget_bits` with int8 activations, for `quantplan demo`: the table (cached),
-    the study (project database unless `storage`) and the top 2 plans plus the baselines measured on `windows`."""
-    from quant.apply import layer_shapes
-    from search.budget import Budget
-    from search.space import SearchSpace
-    from search.study import StudySettings
-    from workers.pipeline import sensitivity_table
-
-    table, _ = sensitivity_table(net, calibration, model_name=model_name, workers=workers, cache=cache,
-                                 progress=progress)
-    inputs = SearchInputs(net, table, calibration.tokens, windows, layer_shapes(net))
-    return run_pipeline(inputs, Budget(avg_bits=budget_bits), SearchSpace(act_bits=8),
-                        StudySettings(trials=trials, storage=storage), eval_top=2, workers=workers,
-                        progress=progress)
 
 
 @contextmanager

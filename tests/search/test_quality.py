@@ -11,7 +11,7 @@ from quant.plan import Plan
 from search.budget import Budget
 from search.space import SearchSpace
 from search.study import StudySettings
-from service.search_cmd import SearchInputs, demo_search, run_pipeline
+from service.search_cmd import SearchInputs, run_pipeline
 from workers.data import eval_windows
 from workers.models import load_model
 from workers.pipeline import evaluate_plan
@@ -81,12 +81,3 @@ def test_plan_file_round_trips(report, tmp_path: Path) -> None:
     loaded = Plan.load(plan.save(tmp_path / "plan.json"))
     shapes = {layer.name: layer.shape for layer in report.problem.layers}
     assert loaded == plan and loaded.cost(shapes).avg_bits == pytest.approx(report.best.avg_bits)
-
-
-def test_demo_search_helper(stories_search, tmp_path: Path) -> None:
-    """What `quantplan demo` calls: table, study and measured rows in one step."""
-    s = stories_search
-    report = demo_search(s.net, str(s.model_dir), s.calibration, s.windows[:8], trials=20, cache=False,
-                         storage=f"sqlite:///{tmp_path / 'demo.db'}", workers=2)
-    assert report.best.avg_bits <= 4.25 and report.best.label in report.measured
-    assert {"fptq", "w4g128:a8-static"} <= {r["label"] for r in report.rows() if "perplexity" in r}

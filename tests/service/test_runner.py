@@ -53,11 +53,14 @@ SMALL = ("--samples", "16", "--seq-len", "64", "--eval-samples", "8", "--eval-to
 
 
 def test_run_stores_plans_and_exported_artifact_reproduces_perplexity(capsys, env, ray_local, tmp_path) -> None:
+    spec = tmp_path / "spec.json"  # options without a flag of their own come from a spec file
+    spec.write_text(json.dumps({"select": "perplexity", "refine": 2, "select_samples": 4, "trials": 999}))
     code, out, err = run_cli(capsys, "run", "--model", env["model"], "--data", env["data"], "--budget-bits", "4.5",
-                             "--trials", "20", *SMALL, "--json")
+                             "--trials", "20", *SMALL, "--spec", str(spec), "--json")
     assert code == 0, err
     result = json.loads(out)
     job, plans = result["job"], result["plans"]
+    assert job["spec"]["trials"] == 20 and job["spec"]["refine"] == 2  # flags win over the file
     assert (job["status"], job["stage"], job["progress"], job["attempts"]) == ("succeeded", "materialize", 1.0, 1)
     assert len({p["plan_sha256"] for p in plans}) == len(plans) > 3  # Pareto set + baselines, each once
     packed = [p for p in plans if p["artifacts"]]

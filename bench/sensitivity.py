@@ -3,8 +3,11 @@
     python bench/sensitivity.py [--model DIR] [--data SPEC] [--samples 32] [--seq-len 128] [--threads 1]
 
 Without --model it converts stories260K from ../shared/data. Prints ratios measured in this one run: the pass
-(statistics forward + Fisher forward/backward) over a plain forward+backward of the same tokens, both with one
-micro-batch per backward (as the estimator needs) and with the batches of --batch-size sequences the pass runs.
+(statistics forward + Fisher forward/backward) over a plain forward+backward of the same tokens in the batches of
+--batch-size sequences the pass runs (the headline), and over one with one micro-batch per backward (one gradient
+per micro-batch, as the estimator needs). In-process times are CPU seconds of this process (torch runs
+--threads threads; with one, time spent waiting for a core shared with other jobs is left out), each the best of
+--repeat alternating rounds; the Ray times are wall-clock.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from quant.apply import quantizable_modules  # noqa: E402
 from quant.modules import linear_weight  # noqa: E402
 from workers.data import calibration_set  # noqa: E402
 from workers.models import load_model  # noqa: E402
-from workers.sensitivity import collect_act_stats, fisher_sums, layer_act_params, weight_costs  # noqa: E402
+from workers.sensitivity import (  # noqa: E402
+    batch_sequences,
+    collect_act_stats,
+    fisher_sums,
+    layer_act_params,
+    weight_costs,
+)
 from workers.tasks import compute_sensitivity, init_ray  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "stories260K"
@@ -48,18 +57,20 @@ def random_llama(hidden: int, vocab: int) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def plain_forward_backward(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int) -> float:
-    start = time.perf_counter()
+def plain_forward_backward(model: torch.nn.Module, tokens: torch.Tensor, micro_batch: int) -> None:
     for batch in tokens.split(micro_batch):
         model.zero_grad(set_to_none=True)
         model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-    return time.perf_counter() - start
 
 
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    start = time.perf_counter()
+def timed(fn, *args, clock=time.perf_counter, **kwargs) -> tuple[float, object]:
+    start = clock()
     result = fn(*args, **kwargs)
-    return time.perf_counter() - start, result
+    return clock() - start, result
+
+
+def cpu_timed(fn, *args, **kwargs) -> tuple[float, object]:
+    return timed(fn, *args, clock=time.process_time, **kwargs)
 
 
 def main() -> None:
@@ -69,8 +80,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward in the pass (fisher_sums)")
-    p.add_argument("--repeat", type=int, default=2, help="timing rounds (best of)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward in the pass and the batched baseline "
+                   "(default: the pass's own, BATCH_TOKENS worth of sequences)")
+    p.add_argument("--repeat", type=int, default=3, help="timing rounds (best of)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (driver and each worker)")
     p.add_argument("--random-hidden", type=int, help="use a randomly initialised Llama of this width (4 layers) "
                    "with the stories260K tokenizer, to see how the overhead shrinks with layer size")
@@ -81,24 +93,26 @@ def main() -> None:
     if args.random_hidden:
         model = random_llama(args.random_hidden, len(tok))
     tokens = calibration_set(args.data, tok, samples=args.samples, seq_len=args.seq_len).tokens
+    args.batch_size = args.batch_size or batch_sequences(tokens.shape[1])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     plain_forward_backward(copy.deepcopy(model), tokens[:2], args.micro_batch)  # warm-up
-    t_plain = t_batched = t_stats = t_fisher = float("inf")
+    best: dict[str, float] = {}
     for _ in range(args.repeat):  # alternate the passes and keep each one's best time (the machine is shared)
-        t_plain = min(t_plain, plain_forward_backward(copy.deepcopy(model), tokens, args.micro_batch))
-        t_batched = min(t_batched, plain_forward_backward(copy.deepcopy(model), tokens, args.batch_size))
-        t, stats = timed(collect_act_stats, model, tokens)
-        t_stats = min(t_stats, t)
+        rounds = {
+            "plain": cpu_timed(plain_forward_backward, copy.deepcopy(model), tokens, args.micro_batch)[0],
+            "batched": cpu_timed(plain_forward_backward, copy.deepcopy(model), tokens, args.batch_size)[0],
+            "batched8": cpu_timed(plain_forward_backward, copy.deepcopy(model), tokens, 8)[0],
+        }
+        rounds["stats"], stats = cpu_timed(collect_act_stats, model, tokens)
         params = layer_act_params(model, stats)
-        t, sums = timed(fisher_sums, copy.deepcopy(model), tokens, params, micro_batch=args.micro_batch,
-                        batch_size=args.batch_size)
-        t_fisher = min(t_fisher, t)
+        rounds["fisher"], sums = cpu_timed(fisher_sums, copy.deepcopy(model), tokens, params,
+                                           micro_batch=args.micro_batch, batch_size=args.batch_size)
+        best = {k: min(v, best.get(k, float("inf"))) for k, v in rounds.items()}
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     layers = quantizable_modules(model)
-    t_weights, _ = timed(lambda: [weight_costs(linear_weight(m).detach(), sums.fisher[n] / sums.batches)
-                                  for n, m in layers.items()])
-
+    t_weights, _ = cpu_timed(lambda: [weight_costs(linear_weight(m).detach(), sums.fisher[n] / sums.batches)
+                                      for n, m in layers.items()])
     init_ray(None)
     meta = {"key": "bench", "model_info": {}, "calibration": {}, "estimator": {}}
     compute_sensitivity(model, tokens[:4], workers=2, threads=args.threads, **meta)  # start the worker processes
@@ -108,17 +122,23 @@ def main() -> None:
     n_tok = tokens.numel()
     print(f"model params: {sum(p.numel() for p in model.parameters()):,}; calibration {tuple(tokens.shape)} "
           f"({n_tok:,} tokens), micro-batch {args.micro_batch}, torch threads {torch.get_num_threads()}")
-    t_pass = t_stats + t_fisher
-    print(f"plain fwd+bwd, micro-batch {args.micro_batch}:       {t_plain:8.2f} s")
-    print(f"plain fwd+bwd, batches of {args.batch_size}:       {t_batched:8.2f} s")
-    print(f"statistics pass (forward):           {t_stats:8.2f} s")
-    print(f"Fisher pass (forward+backward+hooks): {t_fisher:8.2f} s")
-    print(f"sensitivity pass / plain fwd+bwd:    {t_pass / t_plain:8.2f}x  (target <= 1.5; Fisher pass alone "
-          f"{t_fisher / t_plain:.2f}x; vs plain in batches of {args.batch_size}: {t_pass / t_batched:.2f}x)")
-    print(f"weight costs, in process:            {t_weights:8.2f} s  ({len(layers)} layers, not in the ratio)")
-    print(f"full table on Ray, 1 worker:         {t_one:8.2f} s")
-    print(f"full table on Ray, 2 workers:        {t_two:8.2f} s  (speedup {t_one / t_two:.2f}x)")
-    print(f"peak RSS (driver, in-process pass):  {rss1 / 1024:8.1f} MiB (+{(rss1 - rss0) / 1024:.1f} MiB over loading)")
+    t_pass = best["stats"] + best["fisher"]
+    print(f"plain fwd+bwd, batches of {args.batch_size}:        {best['batched']:8.2f} s")
+    print(f"plain fwd+bwd, micro-batch {args.micro_batch}:        {best['plain']:8.2f} s")
+    print(f"statistics pass (forward):            {best['stats']:8.2f} s")
+    print(f"Fisher pass (forward+backward+hooks): {best['fisher']:8.2f} s")
+    print(f"sensitivity pass / plain, batches of {args.batch_size}: {t_pass / best['batched']:5.2f}x  (target <= 1.5; "
+          f"Fisher pass alone {best['fisher'] / best['batched']:.2f}x)")
+    print(f"sensitivity pass / plain, micro-batch {args.micro_batch}: {t_pass / best['plain']:5.2f}x")
+    fastest = min(best["batched"], best["batched8"])
+    print(f"plain fwd+bwd, batches of 8:          {best['batched8']:8.2f} s  (pass / the faster batched plain: "
+          f"{t_pass / fastest:.2f}x)")
+    print(f"weight costs, in process:             {t_weights:8.2f} s  ({len(layers)} layers; not in the ratio)")
+    print(f"whole table, in process:              {t_pass + t_weights:8.2f} s  (pass + weight costs)")
+    print(f"whole table on Ray, 1 worker (wall):  {t_one:8.2f} s")
+    print(f"whole table on Ray, 2 workers (wall): {t_two:8.2f} s  (speedup {t_one / t_two:.2f}x)")
+    print(f"peak RSS (driver, in-process pass):   {rss1 / 1024:8.1f} MiB "
+          f"(+{(rss1 - rss0) / 1024:.1f} MiB over loading)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from workers.models import load_model
 from workers.sensitivity import (
     ACT_SCHEMES,
     HIST_EDGES,
+    ActStats,
     act_quant_error,
     block_costs,
     collect_act_stats,
@@ -55,6 +56,37 @@ def test_fisher_is_mean_of_token_scaled_squared_microbatch_gradients(tiny, token
         model(input_ids=batch, labels=batch).loss.backward()
         expected += batch[:, 1:].numel() * dict(model.named_modules())[name].weight.grad ** 2
     torch.testing.assert_close(sums.fisher[name], expected, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_is_the_same_with_one_product_per_microbatch(tiny, tokens, monkeypatch) -> None:
+    """Small layers get their per-micro-batch gradients from one bmm, large ones from a loop: same sums."""
+    import workers.sensitivity as sensitivity
+
+    params = layer_act_params(tiny, collect_act_stats(tiny, tokens))
+    batched = fisher_sums(copy.deepcopy(tiny), tokens, params, micro_batch=1)
+    monkeypatch.setattr(sensitivity, "_FISHER_BMM_MAX", 0)
+    looped = fisher_sums(copy.deepcopy(tiny), tokens, params, micro_batch=1)
+    for name, f in looped.fisher.items():
+        torch.testing.assert_close(batched.fisher[name], f, rtol=1e-5, atol=1e-12)
+
+
+def test_statistics_through_the_trunk_equal_the_full_model(tiny, tokens) -> None:
+    """The statistics pass skips the LM head; every layer input, hence every statistic, is unchanged."""
+    from workers.sensitivity import _observe
+
+    stats = collect_act_stats(tiny, tokens)  # one batch, as below
+    expected = ActStats()
+    modules = quantizable_modules(tiny)
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: _observe(expected, n, a[0])) for n, m in modules.items()]
+    with torch.no_grad():
+        tiny(input_ids=tokens, use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert set(stats.channel_absmax) == set(modules)
+    for name in modules:
+        torch.testing.assert_close(stats.channel_absmax[name], expected.channel_absmax[name])
+        assert torch.equal(stats.hist[name], expected.hist[name])
+    assert stats.feeders["model.layers.0.self_attn.q_proj"] == "model.layers.0.input_layernorm"
 
 
 def test_activation_cost_matches_manual_hook_computation(tiny, tokens) -> None:
@@ -104,7 +136,7 @@ def test_schemes_with_group_larger_than_k_are_left_out() -> None:
 
 
 def test_percentile_from_histogram() -> None:
-    from workers.sensitivity import ActStats, _observe
+    from workers.sensitivity import _observe
 
     x = torch.randn(2000, 32).abs() * 3
     stats = ActStats()

@@ -14,8 +14,8 @@ One job, five stages, each resumable after a crash (a restarted runner skips wha
 
 While a job runs, a heartbeat thread refreshes `jobs.heartbeat_at` every `heartbeat_interval` seconds. A runner
 that dies stops heartbeating; any runner's `requeue_stale` puts the job back in the queue after `stale_after`
-seconds (failed once it has used `max_attempts` claims). A cancel request is honoured at the next stage boundary.
-Bad input (a spec that does not validate, a model that does not load, an infeasible budget) fails
+seconds (failed once it has used `max_attempts` claims). A cancel request is honoured between search trials and
+at the next stage boundary. Bad input (a spec that does not validate, a model that does not load, an infeasible budget) fails
 the job at once with the `QuantPlanError` message; any other error gives the job back for another attempt.
 """
 
@@ -299,7 +299,19 @@ class JobRun:
         settings = StudySettings(spec.trials, spec.space, spec.seed, f"job-{self.job.id}", self.repo.db.url)
         return run_pipeline(inputs, budget, space, settings, eval_top=spec.eval_top, workers=self.workers,
                             address=self.address, progress=self.runner.progress, select=spec.select,
-                            refine=spec.refine, refine_tol=spec.refine_tol)
+                            refine=spec.refine, refine_tol=spec.refine_tol, on_trial=self._on_trial)
+
+    def _on_trial(self, done: int, total: int) -> None:
+        """Between Optuna trials: honour a cancel (the heartbeat thread saw it) and report progress every 2 s."""
+        self.beat.check()
+        now = time.monotonic()
+        if total and now - self._last_progress >= 2.0:
+            self._last_progress = now
+            span = PROGRESS["store"] - PROGRESS["search"] - 0.1  # the rest of the stage measures candidates
+            try:
+                self.repo.update_job(self.job.id, self.runner.id, progress=PROGRESS["search"] + span * done / total)
+            except JobStateError:
+                raise Lost from None
 
     def _store(self, loaded: _Loaded, report: SearchReport) -> dict[tuple[str, ...], int]:
         """The Pareto set and the references with their predictions and measurements, in one transaction."""

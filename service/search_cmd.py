@@ -272,6 +272,7 @@ def run_pipeline(
     select: str = "kl",
     refine: int = 0,
     refine_tol: float = 0.001,
+    on_trial: Callable[[int, int], None] | None = None,
 ) -> SearchReport:
     """Compile the problem, run the study, measure the top candidates; the best plan is the measured best
     within budget and space (`select`: least KL to the unquantized model on the evaluation windows, or least
@@ -284,8 +285,13 @@ def run_pipeline(
 
     _check_select(select, refine)
     problem = compile_problem(inputs.table, space, budget, inputs.shapes)
-    with _trial_progress(progress) as on_trial:
-        result = run_search(problem, settings, on_trial=on_trial)
+    with _trial_progress(progress) as show:
+        def each_trial(done: int, total: int) -> None:
+            show(done, total)
+            if on_trial is not None:  # e.g. the job runner: progress, and a cancel between trials
+                on_trial(done, total)
+
+        result = run_search(problem, settings, on_trial=each_trial)
     log.info("study %s in %s: %d trials (%d new, %.0f/min); knapsack %s in %.2f s", result.study, result.storage,
              result.trials, result.new_trials, result.trials_per_minute,
              "exact" if result.knapsack.exact else "within its dual bound", result.knapsack.seconds)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,19 @@ def test_a_crashing_job_is_retried_then_failed(tmp_path, monkeypatch) -> None:
     assert (second.status, second.attempts) == ("failed", 2)
     assert second.error == "gave up after 2 attempts; last error: RuntimeError: worker node lost"
     assert runner.run_once() is None  # nothing left in the queue
+
+
+def test_cancel_between_search_trials(env, ray_local) -> None:
+    repo, store = Repository(env["db"]), open_store(env["artifacts"])
+    runner = Runner(repo, store, config=RunnerConfig(heartbeat_interval=0.2))
+    job = repo.create_job({"model": env["model"], "data": env["data"], "budget_bits": 4.5, "trials": 100_000,
+                           "samples": 16, "seq_len": 64, "eval_samples": 8})
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(runner.run_job(job.id)))
+    thread.start()
+    assert wait_for(lambda: _trials(env["db"], f"job-{job.id}") >= 20, timeout=180)
+    repo.cancel_job(job.id)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and result[0].status == "cancelled"
+    assert result[0].stage == "search" and 0.35 < result[0].progress < 0.75  # progress moved within the study
+    assert _trials(env["db"], f"job-{job.id}") < 100_000 and repo.plans_for_job(job.id) == []

@@ -15,8 +15,9 @@ One job, five stages, each resumable after a crash (a restarted runner skips wha
 While a job runs, a heartbeat thread refreshes `jobs.heartbeat_at` every `heartbeat_interval` seconds. A runner
 that dies stops heartbeating; any runner's `requeue_stale` puts the job back in the queue after `stale_after`
 seconds (failed once it has used `max_attempts` claims). A cancel request is honoured between search trials and
-at the next stage boundary. Bad input (a spec that does not validate, a model that does not load, an infeasible budget) fails
-the job at once with the `QuantPlanError` message; any other error gives the job back for another attempt.
+at the next stage boundary. Bad input (a spec that does not validate, a model that does not load, an infeasible
+budget) fails the job at once with the `QuantPlanError` message; any other error gives the job back for another
+attempt.
 """
 
 from __future__ import annotations

@@ -202,6 +202,20 @@ class SearchInputs:
     windows: Any | None
     shapes: dict[str, tuple[int, int]]
     select_windows: Any | None = None  # the selection slice for select="perplexity", apart from `windows`
+    bases: dict[int, Any] = field(default_factory=dict, repr=False)  # id(windows) -> the unquantized result
+
+    def evaluate(self, plans: Sequence[Any], windows: Any, *, workers: int, address: str | None,
+                 progress: bool) -> list[Any]:
+        """`workers.tasks.evaluate_plans` on `windows`, measuring the unquantized model there only once."""
+        from workers.tasks import evaluate_base, evaluate_plans
+
+        if not plans:
+            return []
+        if id(windows) not in self.bases:
+            self.bases[id(windows)] = evaluate_base(self.net, windows, workers=workers, address=address,
+                                                    progress=progress)
+        return evaluate_plans(self.net, plans, windows, self.calib_tokens, workers=workers, address=address,
+                              progress=progress, base=self.bases[id(windows)])
 
 
 def _load_inputs(model, data, eval_data, table_path, samples, seq_len, eval_samples, dtype, seed, workers,
@@ -323,19 +337,16 @@ def _to_measure(report: SearchReport, top: int, baselines: bool) -> list[Candida
 
 def _measure(report: SearchReport, inputs: SearchInputs, candidates: list[Candidate], workers: int,
              address: str | None, progress: bool) -> None:
-    from workers.tasks import evaluate_plans
-
     plans = [report.problem.plan(c) for c in candidates]
-    results = evaluate_plans(inputs.net, plans, inputs.windows, inputs.calib_tokens, workers=workers,
-                             address=address, progress=progress)
+    results = inputs.evaluate(plans, inputs.windows, workers=workers, address=address, progress=progress)
     report.measured = {c.label: r.to_dict() for c, r in zip(candidates, results, strict=True)}
     fits = [c for c in candidates if c.under_budget and c.in_space]
     if not fits:
         return
     if report.select == "perplexity":  # chosen on tokens the reported numbers do not include
         held_out = inputs.select_windows if inputs.select_windows is not None else inputs.windows
-        chosen = evaluate_plans(inputs.net, [report.problem.plan(c) for c in fits], held_out, inputs.calib_tokens,
-                                workers=workers, address=address, progress=progress)
+        chosen = inputs.evaluate([report.problem.plan(c) for c in fits], held_out, workers=workers,
+                                 address=address, progress=progress)
         report.selection = {c.label: r.to_dict() for c, r in zip(fits, chosen, strict=True)}
         report.best = min(fits, key=lambda c: (report.selection[c.label]["perplexity"],
                                                report.selection[c.label]["kl"]))
@@ -348,14 +359,12 @@ def _refine(report: SearchReport, inputs: SearchInputs, max_evals: int, tol: flo
     """Coordinate descent from the selected plan, measured on the selection slice; the plan it ends on is
     measured on the evaluation windows too and becomes the best."""
     from search.refine import refine
-    from workers.tasks import evaluate_plans
 
     held_out = inputs.select_windows if inputs.select_windows is not None else inputs.windows
 
     def measure(candidates: Sequence[Candidate]) -> list[float]:
         plans = [report.problem.plan(c) for c in candidates]
-        results = evaluate_plans(inputs.net, plans, held_out, inputs.calib_tokens, workers=workers,
-                                 address=address, progress=progress)
+        results = inputs.evaluate(plans, held_out, workers=workers, address=address, progress=progress)
         report.selection |= {c.label: r.to_dict() for c, r in zip(candidates, results, strict=True)}
         return [r.perplexity for r in results]
 
@@ -367,8 +376,8 @@ def _refine(report: SearchReport, inputs: SearchInputs, max_evals: int, tol: flo
              len(descent.moves), "; ".join(descent.moves), descent.steps[0][1], descent.steps[-1][1])
     steps = [c for c, _ in descent.steps[1:]]
     if steps:  # the reported numbers of every accepted step, on the evaluation windows
-        results = evaluate_plans(inputs.net, [report.problem.plan(c) for c in steps], inputs.windows,
-                                 inputs.calib_tokens, workers=workers, address=address, progress=progress)
+        results = inputs.evaluate([report.problem.plan(c) for c in steps], inputs.windows, workers=workers,
+                                  address=address, progress=progress)
         report.measured |= {c.label: r.to_dict() for c, r in zip(steps, results, strict=True)}
     report.refinement, report.best = descent, descent.best
 

@@ -229,9 +229,11 @@ def evaluate_plans(
     workers: int = 1,
     address: str | None = None,
     progress: bool = False,
+    base: EvalResult | None = None,
 ) -> list[PlanEval]:
     """Perplexity and KL(base || quantized) of `model` under each `quant.plan.Plan` on held-out `windows`,
-    one Ray task per plan on `workers` workers; results in the order of `plans`."""
+    one Ray task per plan on `workers` workers; results in the order of `plans`. `base` is the unquantized
+    model's result on the same windows when the caller has it (from `evaluate_base`); else it is measured."""
     if not plans:
         return []
     init_ray(address)
@@ -239,7 +241,18 @@ def evaluate_plans(
     opts = {"num_cpus": threads}
     model_ref, windows_ref, calib_ref = ray.put(model.eval()), ray.put(windows), ray.put(calib_tokens)
     with _progress(progress) as track:
-        base = track("unquantized model", [_base_task.options(**opts).remote(model_ref, windows_ref, threads)])[0]
+        if base is None:
+            base = track("unquantized model", [_base_task.options(**opts).remote(model_ref, windows_ref, threads)])[0]
         return track("plan evaluation", [
             _eval_task.options(**opts).remote(model_ref, plan, windows_ref, calib_ref, base, threads) for plan in plans
         ])
+
+
+def evaluate_base(model: nn.Module, windows: torch.Tensor, *, workers: int = 1, address: str | None = None,
+                  progress: bool = False) -> EvalResult:
+    """The unquantized model's result on `windows` (a Ray task), to pass as `evaluate_plans(base=...)`."""
+    init_ray(address)
+    threads = _threads(workers)
+    with _progress(progress) as track:
+        task = _base_task.options(num_cpus=threads).remote(ray.put(model.eval()), ray.put(windows), threads)
+        return track("unquantized model", [task])[0]

@@ -275,11 +275,13 @@ class Repository:
             return _record(JobRecord, self._job(s, job_id))
 
     def list_jobs(self, status: str | None = None, limit: int = 100) -> list[JobRecord]:
+        """The newest `limit` jobs (of `status` when given), oldest first."""
+        _check(1 <= limit <= MAX_PAGE, f"need 1 <= limit <= {MAX_PAGE}")
         with self.session() as s:
-            query = select(Job).order_by(Job.created_at, Job.id).limit(limit)
+            query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
             if status is not None:
                 query = query.where(Job.status == status)
-            return [_record(JobRecord, j) for j in s.scalars(query)]
+            return [_record(JobRecord, j) for j in reversed(list(s.scalars(query)))]
 
     def claim_next_job(self, runner: str) -> JobRecord | None:
         """Atomically move the oldest queued job to running, owned by `runner`; None when the queue is empty."""

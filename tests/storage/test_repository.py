@@ -155,6 +155,15 @@ def test_requeue_stale_jobs_then_fail_after_max_attempts(repo: Repository) -> No
     assert repo.claim_next_job("r4") is None
 
 
+def test_list_jobs_gives_the_newest_oldest_first(repo: Repository) -> None:
+    ids = [repo.create_job({"model": f"m{i}"}).id for i in range(5)]
+    assert [j.id for j in repo.list_jobs(limit=3)] == ids[2:]
+    repo.cancel_job(ids[3])
+    assert [j.id for j in repo.list_jobs("cancelled")] == [ids[3]]
+    with pytest.raises(InvalidRecordError):
+        repo.list_jobs(limit=0)
+
+
 def test_claim_a_given_job_and_release_it_until_it_fails(repo: Repository) -> None:
     first = repo.create_job({"model": "a"}).id
     second = repo.create_job({"model": "b"}).id

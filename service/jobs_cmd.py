@@ -146,6 +146,7 @@ def runner_command(
     once: Annotated[bool, _Opt("--once", help="Run at most one queued job, then exit.")] = False,
     parent_pid: Annotated[int | None, _Opt("--parent-pid", hidden=True, help="Exit when this process is gone "
                                            "(set by `quantplan serve`).")] = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Claim and run queued jobs until stopped (Ctrl-C / SIGTERM finish the current stage check and exit)."""
     from service.runner import Runner, RunnerConfig
@@ -155,7 +156,10 @@ def runner_command(
     runner = Runner(repo, store, config=config)
     if once:
         job = runner.run_once()
-        stderr.print("queue empty" if job is None else f"job {job.id} {job.status}", highlight=False)
+        if json_out:
+            print_json({"runner": runner.id, "job": None if job is None else job_view(job)})
+        else:
+            stderr.print("queue empty" if job is None else f"job {job.id} {job.status}", highlight=False)
         return
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,7 +167,10 @@ def runner_command(
     if parent_pid is not None:
         threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True).start()
     ran = runner.serve(stop, poll=poll, max_jobs=max_jobs)
-    stderr.print(f"runner {runner.id} stopped after {ran} job(s)", highlight=False)
+    if json_out:
+        print_json({"runner": runner.id, "jobs": ran})
+    else:
+        stderr.print(f"runner {runner.id} stopped after {ran} job(s)", highlight=False)
 
 
 def _exit_with_parent(pid: int, stop: threading.Event) -> None:

@@ -233,3 +233,14 @@ def test_cancel_between_search_trials(env, ray_local) -> None:
     assert not thread.is_alive() and result[0].status == "cancelled"
     assert result[0].stage == "search" and 0.35 < result[0].progress < 0.75  # progress moved within the study
     assert _trials(env["db"], f"job-{job.id}") < 100_000 and repo.plans_for_job(job.id) == []
+
+
+def test_runner_once_json(capsys, tmp_path) -> None:
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    job = Repository(db).create_job({"model": "m", "data": "wikitext2"})  # no budget: fails at once
+    args = ("runner", "--once", "--db", db, "--artifacts", str(tmp_path / "art"), "--json")
+    code, out, _ = run_cli(capsys, *args)
+    done = json.loads(out)["job"]
+    assert code == 0 and (done["id"], done["status"]) == (job.id, "failed") and "exactly one budget" in done["error"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out)["job"] is None  # the queue is empty

@@ -190,12 +190,14 @@ def _routes(services: Services) -> Any:
         order: Literal["asc", "desc"] = "asc",
         dataset: Annotated[str | None, Query(max_length=4096)] = None,
         pareto_only: bool = False,
+        distinct: Annotated[bool, Query(description="A plan several jobs stored is listed once.")] = False,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
         offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     ) -> dict[str, Any]:
         key: int | str = int(model) if model.isdigit() and len(model) < 10 else model
         page = repo.leaderboard(key, max_avg_bits=max_avg_bits, max_bytes=max_bytes, act_bits=act_bits, sort=sort,
-                                dataset=dataset, order=order, pareto_only=pareto_only, limit=limit, offset=offset)
+                                dataset=dataset, order=order, pareto_only=pareto_only, limit=limit, offset=offset,
+                                distinct=distinct)
         return leaderboard_view(model, page)
 
     @router.get(f"/{API_VERSION}/plans/{{plan_id}}", responses=ERRORS, summary="A plan with its metrics")

@@ -246,7 +246,7 @@ def demo_command(
         "artifact": str(artifact_dir),
     }
     board = leaderboard_view(str(demo.path), repo.leaderboard(str(demo.path), act_bits=8, sort="perplexity",
-                                                              limit=10))
+                                                              limit=10, distinct=True))
     if json_out:
         print_json({"model": str(demo.path), "data": demo.data_spec, "tokens": base.tokens, "rows": rows,
                     "job": job.id, "searched": searched, "leaderboard": board})

@@ -194,6 +194,7 @@ def leaderboard_command(
     order: Annotated[str, _Opt("--order", help="asc | desc")] = "asc",
     dataset: Annotated[str | None, _Opt("--dataset", help="Sort by the metric on this dataset.")] = None,
     pareto_only: Annotated[bool, _Opt("--pareto-only", help="Only plans on a job's Pareto front.")] = False,
+    distinct: Annotated[bool, _Opt("--distinct", help="A plan several jobs stored is listed once.")] = False,
     limit: Annotated[int, _Opt("--limit", min=1, max=1000)] = 20,
     offset: Annotated[int, _Opt("--offset", min=0)] = 0,
     server: Annotated[str | None, _Opt("--server", envvar="QUANTPLAN_SERVER", help="Query this QuantPlan "
@@ -205,7 +206,8 @@ def leaderboard_command(
 ) -> None:
     """The best stored plans of a model: filtered, sorted, paged."""
     query = {"model": model, "max_avg_bits": max_bits, "max_bytes": max_bytes, "act_bits": act_bits, "sort": sort,
-             "order": order, "dataset": dataset, "pareto_only": pareto_only, "limit": limit, "offset": offset}
+             "order": order, "dataset": dataset, "pareto_only": pareto_only, "limit": limit, "offset": offset,
+             "distinct": distinct}
     if server:
         from service.client import Client
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from storage import migrate
 from storage.db import Database
@@ -477,12 +477,13 @@ class Repository:
     def leaderboard(self, model: int | str, *, max_avg_bits: float | None = None, max_bytes: int | None = None,
                     act_bits: int | None = None, sort: str = "predicted_loss", dataset: str | None = None,
                     order: Literal["asc", "desc"] = "asc", pareto_only: bool = False, limit: int = 20,
-                    offset: int = 0) -> LeaderboardPage:
+                    offset: int = 0, distinct: bool = False) -> LeaderboardPage:
         """Plans of a model (id, fingerprint, or name: every revision), filtered, sorted and paged.
 
         `sort` is a plan column (avg_bits, bytes, act_bits, predicted_loss, created_at, id) or a metric name
         (on `dataset` when given; otherwise its smallest value over datasets). Plans without the sort value
-        come last; ties break by plan id, so pages are stable.
+        come last; ties break by plan id, so pages are stable. With `distinct`, a plan that several jobs stored
+        (same plan JSON) is listed once: its first stored copy.
         """
         _check(order in ("asc", "desc"), f"order must be 'asc' or 'desc', got {order!r}")
         _check(1 <= limit <= MAX_PAGE and offset >= 0, f"need 1 <= limit <= {MAX_PAGE} and offset >= 0")
@@ -497,6 +498,12 @@ class Repository:
                 query = query.where(PlanRow.act_bits == act_bits)
             if pareto_only:
                 query = query.where(PlanRow.is_pareto.is_(True))
+            if distinct:
+                other = aliased(PlanRow)
+                first = (select(func.min(other.id))
+                         .where(other.plan_sha256 == PlanRow.plan_sha256, other.model_id.in_(model_ids))
+                         .correlate(PlanRow).scalar_subquery())
+                query = query.where(PlanRow.id == first)
             total = s.scalar(select(func.count()).select_from(query.subquery())) or 0
             key = _sort_key(sort, dataset)
             key = key.asc() if order == "asc" else key.desc()

@@ -204,7 +204,8 @@ def test_end_to_end_submit_poll_leaderboard_download_apply(capsys, tmp_path, sto
         job = json.loads(out)["job"]
         assert job["status"] == "succeeded" and job["submitter"] == "e2e"
 
-        code, out, _ = run_cli(capsys, "leaderboard", "--model", str(stories_hf), "--max-bits", "4.5", "--json")
+        code, out, _ = run_cli(capsys, "leaderboard", "--model", str(stories_hf), "--max-bits", "4.5", "--distinct",
+                               "--json")
         board = json.loads(out)
         packed = [p for p in board["plans"] if p["artifacts"]]
         assert code == 0 and len(packed) == 1 and packed[0]["job_id"] == job["id"]

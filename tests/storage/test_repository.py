@@ -319,6 +319,17 @@ def test_leaderboard_sort_and_paging(board: tuple[Repository, list[int]]) -> Non
 # ------------------------------------------------------------------------------------------- artifacts, tables
 
 
+def test_leaderboard_distinct_lists_a_plan_once(repo: Repository) -> None:
+    model = repo.upsert_model("m", "fp-distinct")
+    first = repo.create_job({"model": "m", "run": 1}).id
+    second = repo.create_job({"model": "m", "run": 2}).id
+    a = repo.add_plans(model.id, [_plan(1), _plan(2)], job_id=first)
+    b = repo.add_plans(model.id, [_plan(1), _plan(3)], job_id=second)  # _plan(1) again, from another job
+    assert repo.leaderboard("m", sort="id").total == 4
+    page = repo.leaderboard("m", sort="id", distinct=True)
+    assert page.total == 3 and [p.id for p in page.plans] == [a[0], a[1], b[1]]
+
+
 def test_record_artifact_and_sensitivity_tables(repo: Repository) -> None:
     model = repo.upsert_model("m", "fp")
     plan_id = repo.add_plan(model.id, _plan(0))

@@ -15,8 +15,9 @@ Invariants (each kept by the code below and checked by tests/storage):
    fail or store plans for it; a runner whose job was requeued or cancelled gets `JobStateError`.
 5. `create_job` with an idempotency key creates at most one job per key; a second call with the same key and
    spec returns the first job, with another spec it raises.
-6. A job stores a plan at most once (unique job, plan sha256); re-adding it returns the stored id and upserts
-   its metrics. A metric is unique per (plan, name, dataset); `dataset` is "" when it has none.
+6. A job stores a plan at most once (unique job, plan sha256, which ignores the plan's `meta`); re-adding it
+   returns the stored id and upserts its metrics. A metric is unique per (plan, name, dataset); `dataset` is ""
+   when it has none.
 7. A model is identified by its fingerprint; `upsert_model` updates the other fields of a known fingerprint.
 8. A sensitivity table key is stored once; the first writer wins and later `put_table` calls return it.
 """
@@ -189,8 +190,10 @@ def _check(ok: bool, message: str) -> None:
 
 
 def plan_sha256(plan: Mapping[str, Any]) -> str:
-    """The sha256 of a plan's canonical JSON; key order is kept because `re:` patterns resolve in order."""
-    text = json.dumps(plan, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The sha256 of a plan's canonical JSON without its free-form `meta` (which job, which label): two plans that
+    quantize alike hash alike. Key order is kept because `re:` patterns resolve in order."""
+    content = {k: v for k, v in plan.items() if k != "meta"}
+    text = json.dumps(content, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

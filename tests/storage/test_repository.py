@@ -324,7 +324,8 @@ def test_leaderboard_distinct_lists_a_plan_once(repo: Repository) -> None:
     first = repo.create_job({"model": "m", "run": 1}).id
     second = repo.create_job({"model": "m", "run": 2}).id
     a = repo.add_plans(model.id, [_plan(1), _plan(2)], job_id=first)
-    b = repo.add_plans(model.id, [_plan(1), _plan(3)], job_id=second)  # _plan(1) again, from another job
+    again = NewPlan(plan={**_plan(1).plan, "meta": {"job": second}}, avg_bits=5.0, bytes=2000, act_bits=8)
+    b = repo.add_plans(model.id, [again, _plan(3)], job_id=second)  # _plan(1) again (other meta), another job
     assert repo.leaderboard("m", sort="id").total == 4
     page = repo.leaderboard("m", sort="id", distinct=True)
     assert page.total == 3 and [p.id for p in page.plans] == [a[0], a[1], b[1]]

@@ -351,7 +351,9 @@ def _add_fisher(sums: FisherSums, name: str, x: torch.Tensor, dy: torch.Tensor, 
     """Add T_b g_b^2 for every micro-batch b of the batch: g_b = dL_b/dW = dY_b^T X_b, [N, K]."""
     xb = x.reshape(batch.groups, -1, x.shape[-1])  # [B, T, K]
     dyb = dy.reshape(batch.groups, -1, dy.shape[-1])  # [B, T, N]
-    f = sums.fisher.setdefault(name, x.new_zeros(dyb.shape[-1], xb.shape[-1]))
+    f = sums.fisher.get(name)
+    if f is None:  # not setdefault: that would allocate a zero [N, K] tensor on every call
+        f = sums.fisher[name] = x.new_zeros(dyb.shape[-1], xb.shape[-1])
     if f.numel() * batch.groups <= _FISHER_BMM_MAX:  # small layers: one batched product, fewer small ops
         g = torch.bmm(dyb.transpose(1, 2), xb)  # [B, N, K]
         f.add_(g.square_().sum(0), alpha=batch.t_b)

@@ -30,10 +30,7 @@ import logging
 import math
 import os
 import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quant.apply import ApplyReport, apply_plan, resolve_plan, validate_plan
+from quant.atomic import MARKER, check_destination, staging_dir
 from quant.errors import ArtifactError, PlanError
 from quant.fingerprint import model_fingerprint
 from quant.kernels.dispatch import select_kernel
@@ -61,7 +59,7 @@ ARTIFACT_FORMAT = "quantplan.artifact"
 ARTIFACT_VERSION = 2  # 1: one safetensors entry per layer tensor and folded norm; 2: flat tensors per kind
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "quantized.safetensors"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = MARKER  # quant.atomic replaces only directories that hold it
 CHECKSUM_KEY = "manifest_sha256"
 HASHED_FILES = (PLAN_FILE, WEIGHTS_FILE)  # the manifest lists these; it checks itself with CHECKSUM_KEY
 PACKED_TENSORS = ("codes", "scales", "zeros")
@@ -142,7 +140,7 @@ def materialize(
     (perplexity, kl, ...) that are recorded in the manifest before the rename.
     """
     out = Path(out_dir)
-    _check_destination(out, overwrite)
+    check_destination(out, overwrite)  # before the expensive part; staging_dir checks again
     check_materializable(model, plan)
     fingerprint = model_fingerprint(model)
     if plan.model.fingerprint and plan.model.fingerprint != fingerprint:
@@ -153,7 +151,7 @@ def materialize(
     tensors, layers = _artifact_tensors(work, report)
     del work
     base_model = {**_default_identity(model, plan), **(model_info or {}), "fingerprint": fingerprint}
-    with _staging(out, overwrite) as tmp:
+    with staging_dir(out, overwrite) as tmp:
         atomic_write_text(tmp / PLAN_FILE, plan.to_json())
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=_weights_metadata(_index(layers, report.folded)))
         files = {name: _file_entry(tmp / name) for name in HASHED_FILES}
@@ -521,8 +519,7 @@ def export_pretrained(
     _require_base(model)
     info = verify_artifact(artifact, model)
     out = Path(out_dir)
-    _check_destination(out, overwrite)
-    with _staging(out, overwrite) as tmp:
+    with staging_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -531,44 +528,3 @@ def export_pretrained(
     return out
 
 
-# -- atomic directories -------------------------------------------------------------------------------------
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise ArtifactError(f"{out} already exists: choose another output directory, or pass --overwrite")
-    replaceable = out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST_FILE).is_file())
-    if not replaceable:
-        raise ArtifactError(f"{out} exists and is not an artifact directory: refusing to replace it")
-
-
-@contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside `out`, renamed to `out` when the block succeeds and removed in any case."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise ArtifactError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; an artifact should read like any downloaded directory
-    try:
-        yield tmp
-        _publish(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op after the rename
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    old = None
-    if overwrite and out.exists():
-        _check_destination(out, overwrite)  # again: it may have appeared since the first check
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError as e:
-        if old is not None:
-            os.replace(old, out)
-        raise ArtifactError(f"cannot create {out}: {e.strerror or e} (another process may have written it)") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -21,18 +21,18 @@ unreachable. The job runner is separate (`quantplan runner`, or the runners `qua
 # dependency aliases below are local to `_routes`.
 import hmac
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from quant.errors import QuantPlanError
+from service.client import SHA_HEADER
 from service.jobs import JobSpec, SpecError
 from service.views import job_view, leaderboard_view, plan_view
 from storage import (
@@ -47,11 +47,11 @@ from storage import (
     open_store,
 )
 from storage.artifacts import CHUNK, ArtifactStore
+from workers.net import AddressError, unreachable
 
 log = logging.getLogger("service.api")
 
 API_VERSION = "v1"
-SHA_HEADER = "X-Content-SHA256"
 JOB_STATUSES = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Id = Annotated[int, Path(ge=1, le=2**31 - 1, description="A positive integer id.")]
 
@@ -131,9 +131,7 @@ class Unauthorized(Exception):
 # ---------------------------------------------------------------------------------------------- routes
 
 
-def _routes(services: Services) -> Any:
-    from fastapi import APIRouter
-
+def _routes(services: Services) -> APIRouter:
     router = APIRouter()
     Auth = Annotated[str | None, Header(description="Bearer <token>")]
 
@@ -250,12 +248,11 @@ def _check_ray(address: str | None) -> str:
     """`local` when jobs use a local Ray instance; else whether the cluster's GCS port accepts connections."""
     if not address or address in ("local", "auto"):
         return "local"
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=2.0).close()
-        return "ok"
-    except (OSError, ValueError) as e:
-        return f"unreachable: {address}: {e}"
+        why = unreachable(address, timeout=2.0)
+    except AddressError as e:
+        why = str(e)
+    return "ok" if why is None else f"unreachable: {address}: {why}"
 
 
 # ---------------------------------------------------------------------------------------------- errors

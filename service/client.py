@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import httpx
 
 from quant.errors import QuantPlanError
 
-SHA_HEADER = "X-Content-SHA256"  # same as service.api.SHA_HEADER (kept here so the client needs no FastAPI)
+SHA_HEADER = "X-Content-SHA256"  # the archive's sha256, sent by GET /v1/plans/{id}/artifact
 CHUNK = 1 << 20
 
 
@@ -75,15 +76,14 @@ class Client:
         return self._json("GET", "/healthz", ok=(200, 503))
 
     def download(self, plan_id: int, out: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, Any]:
-        """Stream a plan's artifact archive to a temporary file, verify its sha256 against the server's header,
-        unpack it into a sibling temporary directory and rename that to `out`. Nothing is left on failure."""
+        """Stream a plan's artifact archive to a temporary file, verify its sha256 against the server's header, and
+        unpack it into `out` atomically (`quant.atomic.staging_dir`). Nothing is left on failure."""
+        from quant.atomic import check_destination, staging_dir
+
         out = Path(out)
-        if out.exists() and not overwrite:
-            raise ClientError(f"{out} already exists; choose a new directory or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            archive, digest, size = work / "artifact.tar", hashlib.sha256(), 0
+        check_destination(out, overwrite)  # before the download, not after it
+        with tempfile.TemporaryDirectory(prefix="quantplan-download-") as work:
+            archive, digest, size = Path(work) / "artifact.tar", hashlib.sha256(), 0
             with self._stream("GET", f"/v1/plans/{int(plan_id)}/artifact") as response, archive.open("wb") as f:
                 expected = response.headers.get(SHA_HEADER)
                 for chunk in response.iter_bytes(CHUNK):
@@ -93,14 +93,8 @@ class Client:
             if not expected or digest.hexdigest() != expected.lower():
                 raise ClientError(f"the artifact of plan {plan_id} arrived with sha256 {digest.hexdigest()}, the "
                                   f"server announced {expected}; download it again")
-            unpacked = work / "artifact"
-            with tarfile.open(archive) as tar:
-                tar.extractall(unpacked, filter="data")
-            if out.exists():
-                shutil.rmtree(out)
-            unpacked.rename(out)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            with staging_dir(out, overwrite) as tmp, tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
         return {"plan_id": int(plan_id), "out": str(out), "sha256": expected, "bytes": size}
 
     # ------------------------------------------------------------------ plumbing
@@ -114,26 +108,17 @@ class Client:
             raise self._refused(response)
         return response.json()
 
-    def _stream(self, method: str, path: str) -> Any:
-        client = self
-
-        class _Stream:
-            def __enter__(self) -> httpx.Response:
-                try:
-                    self.cm = client.http.stream(method, path)
-                    response = self.cm.__enter__()
-                except httpx.HTTPError as e:
-                    raise client._unreachable(e) from None
+    @contextmanager
+    def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+        """A streamed response; a refused request or a dropped connection (also mid-body) is a `ClientError`."""
+        try:
+            with self.http.stream(method, path) as response:
                 if response.status_code >= 400:
                     response.read()
-                    self.cm.__exit__(None, None, None)
-                    raise client._refused(response)
-                return response
-
-            def __exit__(self, *exc: Any) -> None:
-                self.cm.__exit__(*exc)
-
-        return _Stream()
+                    raise self._refused(response)
+                yield response
+        except httpx.HTTPError as e:
+            raise self._unreachable(e) from None
 
     def _unreachable(self, e: httpx.HTTPError) -> ClientError:
         return ClientError(f"cannot reach the QuantPlan server at {self.server}: {e}; check --server / "

@@ -7,9 +7,9 @@ as a long-lived process (it claims queued jobs until stopped). The others read w
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -34,13 +34,20 @@ RayOpt = Annotated[str | None, _Opt("--ray-address", help="Ray cluster address (
                                     "default: a local Ray instance.")]
 
 
+def load_cli_settings(db: str | None, artifacts: str | None = None, ray_address: str | None = None,
+                      **extra: Any) -> Any:
+    """Settings from the environment and config file, with the command line's --db/--artifacts/--ray-address."""
+    from storage import load_settings
+
+    given = {"database_url": db, "artifacts": artifacts, "ray_address": ray_address}
+    return load_settings(**{k: v for k, v in given.items() if v is not None}, **extra)
+
+
 def open_storage(db: str | None, artifacts: str | None = None, ray_address: str | None = None) -> tuple[Any, Any]:
     """The repository (migrated) and the artifact store from settings, with command-line overrides."""
-    from storage import Repository, load_settings, open_store
+    from storage import Repository, open_store
 
-    overrides = {k: v for k, v in (("database_url", db), ("artifacts", artifacts), ("ray_address", ray_address))
-                 if v is not None}
-    settings = load_settings(**overrides)
+    settings = load_cli_settings(db, artifacts, ray_address)
     return Repository(settings=settings), open_store(settings.artifacts)
 
 
@@ -68,8 +75,6 @@ SpecFileOpt = Annotated[Path | None, _Opt("--spec", help="A JSON job spec with a
 def spec_from_options(spec_file: Path | None, options: dict[str, Any]) -> Any:
     """A validated `JobSpec` from a spec file (optional) overlaid with the command's options that name spec fields
     and were given (not None)."""
-    import json
-
     from service.jobs import JobSpec, SpecError
 
     given = {k: v for k, v in options.items() if k in JobSpec.model_fields}
@@ -114,9 +119,10 @@ def run_command(
 def run_local_job(repo: Any, store: Any, spec: Any, *, progress: bool = False) -> Any:
     """Store `spec` as a job and run it here; the final job record (a failed job raises its error)."""
     from service.runner import Runner
+    from storage.db import safe_url
 
     job = repo.create_job(spec.to_json(), submitter=_user())
-    stderr.print(f"job {job.id} stored in {repo.db.url.split('@')[-1]}", highlight=False)
+    stderr.print(f"job {job.id} stored in {safe_url(repo.db.url)}", highlight=False)
     job = Runner(repo, store, progress=progress).run_job(job.id)
     if job.status != "succeeded":
         raise QuantPlanError(f"job {job.id} {job.status}: {job.error or 'no error recorded'}")
@@ -236,13 +242,10 @@ def show_command(
 ) -> None:
     """One stored plan: cost, prediction, metrics, artifacts and its schemes."""
     from quant.plan import atomic_write_text
-    from service.views import plan_view
 
     repo, _ = open_storage(db)
     view = plan_view(repo.get_plan(plan_id), full=True)
     if plan_json is not None:
-        import json
-
         atomic_write_text(plan_json, json.dumps(view["plan"], indent=2) + "\n")
     if json_out:
         print_json(view)
@@ -291,21 +294,12 @@ def export_command(
 
 
 def extract_artifact(store: Any, sha256: str, out: Path, *, overwrite: bool = False) -> Path:
-    """Unpack a stored archive into `out` atomically: a sibling temporary directory renamed into place."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise QuantPlanError(f"{out} already exists; choose a new directory or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """Unpack a stored archive into `out` atomically (`quant.atomic.staging_dir`)."""
+    from quant.atomic import staging_dir
+
+    with staging_dir(out, overwrite) as tmp:
         store.extract_dir(sha256, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def _user() -> str | None:

@@ -39,6 +39,7 @@ from service.jobs_cmd import (
     SeqLenOpt,
     SpecFileOpt,
     TrialsOpt,
+    load_cli_settings,
     open_storage,
     spec_from_options,
 )
@@ -197,14 +198,12 @@ def serve_command(
     import uvicorn
 
     from service.api import create_app
-    from storage import Repository, load_settings
+    from storage import Repository
 
-    overrides = {k: v for k, v in (("database_url", db), ("artifacts", artifacts), ("ray_address", ray_address))
-                 if v is not None}
-    settings = load_settings(**overrides)
+    settings = load_cli_settings(db, artifacts, ray_address)
     if not settings.tokens():
         token = secrets.token_urlsafe(24)
-        settings = load_settings(**overrides, api_tokens=f"admin={token}")
+        settings = load_cli_settings(db, artifacts, ray_address, api_tokens=f"admin={token}")
         stderr.print(f"no QUANTPLAN_API_TOKENS set: this server accepts writes with the generated token\n"
                      f"  export QUANTPLAN_TOKEN={token}", highlight=False)
     repo = Repository(settings=settings)  # migrates the schema once, before the runners start

@@ -40,6 +40,7 @@ from quant.errors import QuantPlanError
 from service.jobs import JobSpec
 from storage import JobRecord, JobStateError, NewPlan, Repository
 from storage.artifacts import ArtifactStore
+from storage.db import safe_url
 
 if TYPE_CHECKING:
     from search.problem import Candidate
@@ -106,7 +107,7 @@ class Runner:
     def serve(self, stop: threading.Event, *, poll: float = 2.0, max_jobs: int | None = None) -> int:
         """Run jobs until `stop` is set (or `max_jobs` ran); returns how many ran. Storage outages are retried."""
         done = 0
-        log.info("runner %s: polling %s every %.1f s", self.id, self.repo.db.url.split("@")[-1], poll)
+        log.info("runner %s: polling %s every %.1f s", self.id, safe_url(self.repo.db.url), poll)
         while not stop.is_set() and (max_jobs is None or done < max_jobs):
             try:
                 ran = self.run_once()
@@ -255,9 +256,10 @@ class JobRun:
         spec = self.spec
         calib = calibration_set(loaded.data, loaded.tokenizer, samples=spec.samples, seq_len=loaded.seq_len,
                                 seed=spec.seed)
-        self._fetch_table(loaded.net, calib)
+        self._fetch_table(loaded, calib)
         table, cached = sensitivity_table(loaded.net, calib, model_name=spec.model, workers=self.workers,
-                                          address=self.address, progress=self.runner.progress)
+                                          address=self.address, progress=self.runner.progress,
+                                          fingerprint=loaded.fingerprint)
         log.info("job %d: sensitivity table %s (%s)", self.job.id, table.key, "reused" if cached else "computed")
         self._keep_table(table, loaded.model_id)
         windows = eval_windows(loaded.eval_data, loaded.tokenizer, seq_len=loaded.seq_len,
@@ -269,13 +271,15 @@ class JobRun:
                                              spec.select_samples or spec.eval_samples)
         loaded.calibration = calib
         loaded.windows = windows
-        return SearchInputs(loaded.net, table, calib.tokens, windows, layer_shapes(loaded.net), select_windows)
+        loaded.inputs = SearchInputs(loaded.net, table, calib.tokens, windows, layer_shapes(loaded.net),
+                                     select_windows)
+        return loaded.inputs
 
-    def _fetch_table(self, net: Any, calibration: Any) -> None:
+    def _fetch_table(self, loaded: _Loaded, calibration: Any) -> None:
         """A table another runner stored (e.g. on another machine) goes into the local cache, so it is reused."""
         from workers.pipeline import cached_table_path, table_identity
 
-        key = table_identity(net, calibration)[0]
+        key = table_identity(loaded.net, calibration, fingerprint=loaded.fingerprint)[0]
         path = cached_table_path(key)
         record = self.repo.get_table(key)
         if path.is_file() or record is None or record.sha256 is None or not self.store.exists(record.sha256):
@@ -342,7 +346,8 @@ class JobRun:
         pending = [c for c in chosen if not self._has_artifact(plan_ids[c.schemes])]
         if not pending:
             return
-        base = evaluate(loaded.net, loaded.windows)
+        # the unquantized model on these windows, as the search measured it (measured here when it did not)
+        base = loaded.inputs.bases.get(id(loaded.windows)) or evaluate(loaded.net, loaded.windows)
         dataset = str(loaded.eval_data)
         eval_info = {"data": dataset, "split": "test", "seq_len": loaded.seq_len,
                      "windows": int(loaded.windows.shape[0])}
@@ -382,6 +387,7 @@ class _Loaded:
     seq_len: int
     calibration: Any = None
     windows: Any = None
+    inputs: Any = None  # the search's SearchInputs
 
 
 def _act_bits(c: Candidate) -> int:
@@ -410,13 +416,3 @@ def _scratch() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    """Poll `predicate` until it holds or `timeout` seconds pass (used by the CLI and the tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -82,9 +82,11 @@ def sensitivity_cache_dir() -> Path:
     return Path(root) / "sensitivity"
 
 
-def table_identity(model: nn.Module, calibration: CalibrationSet, *, micro_batch: int = 1) -> tuple[str, str, dict]:
-    """(key, model fingerprint, estimator settings) of the table for this model and calibration set."""
-    fingerprint = model_fingerprint(model)
+def table_identity(model: nn.Module, calibration: CalibrationSet, *, micro_batch: int = 1,
+                   fingerprint: str | None = None) -> tuple[str, str, dict]:
+    """(key, model fingerprint, estimator settings) of the table for this model and calibration set; pass the
+    model's `fingerprint` when it is known (hashing every weight again costs time on a large model)."""
+    fingerprint = fingerprint or model_fingerprint(model)
     estimator = {"version": ESTIMATOR_VERSION, "micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES],
                  "clip_grid": CLIP_GRID}
     return table_key(fingerprint, calibration.spec_dict(), estimator), fingerprint, estimator
@@ -105,12 +107,13 @@ def sensitivity_table(
     address: str | None = None,
     cache: bool = True,
     progress: bool = False,
+    fingerprint: str | None = None,
 ) -> tuple[SensitivityTable, bool]:
     """The table for (model weights, calibration spec, estimator): from the cache when present, else computed
     on Ray and cached. Returns (table, cached)."""
     from workers.tasks import compute_sensitivity  # Ray is imported only when a table must be computed
 
-    key, fingerprint, estimator = table_identity(model, calibration, micro_batch=micro_batch)
+    key, fingerprint, estimator = table_identity(model, calibration, micro_batch=micro_batch, fingerprint=fingerprint)
     path = cached_table_path(key)
     if cache and path.is_file():
         log.info("reusing cached sensitivity table %s", path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import reduce
@@ -25,6 +24,7 @@ from torch import nn
 from quant.apply import quantizable_modules
 from quant.errors import QuantPlanError
 from quant.modules import linear_layout
+from workers.net import AddressError, unreachable
 from workers.sensitivity import (
     ActStats,
     FisherSums,
@@ -71,17 +71,15 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast on an address nobody listens on (Ray itself would retry for a minute)."""
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise RayError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379 or ray://head:10001)")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
+        why = unreachable(address, timeout)
+    except AddressError as e:
+        raise RayError(str(e)) from None
+    if why is not None:
         raise RayError(
-            f"cannot reach the Ray cluster at {address}: {e.strerror or e}; start it (`ray start --head`) or "
+            f"cannot reach the Ray cluster at {address}: {why}; start it (`ray start --head`) or "
             "leave out --ray-address to use a local Ray instance"
-        ) from None
+        )
 
 
 def _threads(workers: int) -> int:

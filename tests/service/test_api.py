@@ -25,9 +25,8 @@ from schemathesis import GenerationMode
 
 from service.api import create_app
 from service.client import Client, ClientError
-from service.runner import wait_for
 from storage import Repository, load_settings
-from tests.service.test_cli import run_cli
+from tests.service.test_cli import run_cli, wait_for
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

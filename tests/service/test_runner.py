@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import func, select
 
 from service.jobs import JobSpec, SpecError
-from service.runner import Runner, RunnerConfig, wait_for
+from service.runner import Runner, RunnerConfig
 from storage import Repository, open_store
 from storage.models import ArtifactRow, MetricRow, PlanRow, SensitivityTableRow
-from tests.service.test_cli import run_cli
+from tests.service.test_cli import run_cli, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -1,11 +1,14 @@
 """Benchmark the sensitivity pass: cost over a plain forward+backward, 2-worker speedup, peak memory.
 
-    python bench/sensitivity.py [--model DIR] [--data SPEC] [--samples 32] [--seq-len 128] [--threads 1]
+    python bench/sensitivity.py [--model DIR] [--data SPEC] [--samples 128] [--act-samples N] [--threads 1]
 
 Without --model it converts stories260K from ../shared/data. Prints ratios measured in this one run: the pass
-(statistics forward + Fisher forward/backward) over a plain forward+backward of the same tokens in the batches of
---batch-size sequences the pass runs (the headline), and over one with one micro-batch per backward (one gradient
-per micro-batch, as the estimator needs). In-process times are CPU seconds of this process (torch runs
+(`sensitivity_pass`: the Fisher forward/backward records the statistics, activation costs on the last
+--act-samples sequences) over a plain forward+backward of the same tokens in the batches of --batch-size
+sequences the pass runs (the headline), and over one with one micro-batch per backward (one gradient per
+micro-batch, as the estimator needs). For comparison it times estimator v3's two passes as well (a statistics
+forward over every token, then the Fisher pass with activation costs on every token).
+In-process times are CPU seconds of this process (torch runs
 --threads threads; with one, time spent waiting for a core shared with other jobs is left out), each the best of
 --repeat alternating rounds; the Ray times are wall-clock.
 """
@@ -30,10 +33,12 @@ from quant.modules import linear_weight  # noqa: E402
 from workers.data import calibration_set  # noqa: E402
 from workers.models import load_model  # noqa: E402
 from workers.sensitivity import (  # noqa: E402
+    act_set_start,
     batch_sequences,
     collect_act_stats,
     fisher_sums,
     layer_act_params,
+    sensitivity_pass,
     weight_costs,
 )
 from workers.tasks import compute_sensitivity, init_ray  # noqa: E402
@@ -77,11 +82,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model")
     p.add_argument("--data", default=f"text:{SHARED / 'sampled_seed1.txt'}")
-    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--batch-size", type=int, help="sequences per forward in the pass and the batched baseline "
                    "(default: the pass's own, BATCH_TOKENS worth of sequences)")
+    p.add_argument("--act-samples", type=int, help="sequences of the activation-cost set (default: one batch)")
     p.add_argument("--repeat", type=int, default=3, help="timing rounds (best of)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (driver and each worker)")
     p.add_argument("--random-hidden", type=int, help="use a randomly initialised Llama of this width (4 layers) "
@@ -104,10 +110,13 @@ def main() -> None:
             "batched": cpu_timed(plain_forward_backward, copy.deepcopy(model), tokens, args.batch_size)[0],
             "batched8": cpu_timed(plain_forward_backward, copy.deepcopy(model), tokens, 8)[0],
         }
+        rounds["pass"], (_, sums) = cpu_timed(sensitivity_pass, copy.deepcopy(model), tokens,
+                                              micro_batch=args.micro_batch, act_samples=args.act_samples,
+                                              batch_size=args.batch_size)
         rounds["stats"], stats = cpu_timed(collect_act_stats, model, tokens)
         params = layer_act_params(model, stats)
-        rounds["fisher"], sums = cpu_timed(fisher_sums, copy.deepcopy(model), tokens, params,
-                                           micro_batch=args.micro_batch, batch_size=args.batch_size)
+        rounds["fisher"], _ = cpu_timed(fisher_sums, copy.deepcopy(model), tokens, params,
+                                        micro_batch=args.micro_batch, batch_size=args.batch_size)
         best = {k: min(v, best.get(k, float("inf"))) for k, v in rounds.items()}
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     layers = quantizable_modules(model)
@@ -116,19 +125,23 @@ def main() -> None:
     init_ray(None)
     meta = {"key": "bench", "model_info": {}, "calibration": {}, "estimator": {}}
     compute_sensitivity(model, tokens[:4], workers=2, threads=args.threads, **meta)  # start the worker processes
-    t_one, _ = timed(compute_sensitivity, model, tokens, workers=1, threads=args.threads, **meta)
-    t_two, _ = timed(compute_sensitivity, model, tokens, workers=2, threads=args.threads, **meta)
+    act = {"act_samples": args.act_samples, "micro_batch": args.micro_batch}
+    t_one, _ = timed(compute_sensitivity, model, tokens, workers=1, threads=args.threads, **act, **meta)
+    t_two, _ = timed(compute_sensitivity, model, tokens, workers=2, threads=args.threads, **act, **meta)
 
     n_tok = tokens.numel()
     print(f"model params: {sum(p.numel() for p in model.parameters()):,}; calibration {tuple(tokens.shape)} "
           f"({n_tok:,} tokens), micro-batch {args.micro_batch}, torch threads {torch.get_num_threads()}")
-    t_pass = best["stats"] + best["fisher"]
+    t_pass, t_v3 = best["pass"], best["stats"] + best["fisher"]
+    act_set = tokens.shape[0] - act_set_start(tokens, args.micro_batch, args.act_samples)
+    print(f"activation costs on the last {act_set} of {tokens.shape[0]} sequences")
     print(f"plain fwd+bwd, batches of {args.batch_size}:        {best['batched']:8.2f} s")
     print(f"plain fwd+bwd, micro-batch {args.micro_batch}:        {best['plain']:8.2f} s")
-    print(f"statistics pass (forward):            {best['stats']:8.2f} s")
-    print(f"Fisher pass (forward+backward+hooks): {best['fisher']:8.2f} s")
-    print(f"sensitivity pass / plain, batches of {args.batch_size}: {t_pass / best['batched']:5.2f}x  (target <= 1.5; "
-          f"Fisher pass alone {best['fisher'] / best['batched']:.2f}x)")
+    print(f"sensitivity pass (one forward/token): {t_pass:8.2f} s")
+    print(f"v3: statistics forward, all tokens:   {best['stats']:8.2f} s")
+    print(f"v3: Fisher pass, act costs all tokens:{best['fisher']:8.2f} s  (v3 total {t_v3:.2f} s, "
+          f"{t_v3 / best['batched']:.2f}x)")
+    print(f"sensitivity pass / plain, batches of {args.batch_size}: {t_pass / best['batched']:5.2f}x  (target <= 1.5)")
     print(f"sensitivity pass / plain, micro-batch {args.micro_batch}: {t_pass / best['plain']:5.2f}x")
     fastest = min(best["batched"], best["batched8"])
     print(f"plain fwd+bwd, batches of 8:          {best['batched8']:8.2f} s  (pass / the faster batched plain: "

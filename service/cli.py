@@ -129,6 +129,9 @@ def sensitivity_command(
         typer.Option("--ray-address", help="Ray cluster address (env QUANTPLAN_RAY_ADDRESS); default local."),
     ] = None,
     micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Sequences per Fisher micro-batch.")] = 1,
+    act_samples: Annotated[int | None, typer.Option(
+        "--act-samples", min=1, help="Activation costs on the last N calibration windows (default: one forward "
+        "batch, 4096 tokens; more costs a statistics forward over the extra windows).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if a cached table exists.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
@@ -149,6 +152,7 @@ def sensitivity_command(
         model_name=model,
         workers=workers,
         micro_batch=micro_batch,
+        act_samples=act_samples,
         address=ray_address,
         cache=not no_cache,
         progress=True,

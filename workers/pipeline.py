@@ -18,7 +18,7 @@ from quant.plan import Plan
 from workers.data import CalibrationSet
 from workers.evaluate import EvalResult, evaluate
 from workers.models import model_fingerprint
-from workers.sensitivity import CLIP_GRID, ESTIMATOR_VERSION, WEIGHT_SCHEMES
+from workers.sensitivity import CLIP_GRID, ESTIMATOR_VERSION, WEIGHT_SCHEMES, act_set_start
 from workers.table import SensitivityTable, table_key
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,14 @@ def sensitivity_cache_dir() -> Path:
 
 
 def table_identity(model: nn.Module, calibration: CalibrationSet, *, micro_batch: int = 1,
-                   fingerprint: str | None = None) -> tuple[str, str, dict]:
+                   act_samples: int | None = None, fingerprint: str | None = None) -> tuple[str, str, dict]:
     """(key, model fingerprint, estimator settings) of the table for this model and calibration set; pass the
     model's `fingerprint` when it is known (hashing every weight again costs time on a large model)."""
     fingerprint = fingerprint or model_fingerprint(model)
+    tokens = calibration.tokens
     estimator = {"version": ESTIMATOR_VERSION, "micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES],
-                 "clip_grid": CLIP_GRID}
+                 "clip_grid": CLIP_GRID,
+                 "act_samples": tokens.shape[0] - act_set_start(tokens, micro_batch, act_samples)}
     return table_key(fingerprint, calibration.spec_dict(), estimator), fingerprint, estimator
 
 
@@ -104,6 +106,7 @@ def sensitivity_table(
     model_name: str = "",
     workers: int = 1,
     micro_batch: int = 1,
+    act_samples: int | None = None,
     address: str | None = None,
     cache: bool = True,
     progress: bool = False,
@@ -113,14 +116,16 @@ def sensitivity_table(
     on Ray and cached. Returns (table, cached)."""
     from workers.tasks import compute_sensitivity  # Ray is imported only when a table must be computed
 
-    key, fingerprint, estimator = table_identity(model, calibration, micro_batch=micro_batch, fingerprint=fingerprint)
+    key, fingerprint, estimator = table_identity(model, calibration, micro_batch=micro_batch, act_samples=act_samples,
+                                                 fingerprint=fingerprint)
     path = cached_table_path(key)
     if cache and path.is_file():
         log.info("reusing cached sensitivity table %s", path)
         return SensitivityTable.load(path), True
     log.info("computing sensitivity table %s on %d worker(s)", key, workers)
     table = compute_sensitivity(
-        model, calibration.tokens, workers=workers, micro_batch=micro_batch, address=address, progress=progress,
+        model, calibration.tokens, workers=workers, micro_batch=micro_batch, act_samples=act_samples, address=address,
+        progress=progress,
         key=key, model_info={"name": model_name, "fingerprint": fingerprint}, calibration=calibration.spec_dict(),
         estimator=estimator,
     )

@@ -18,8 +18,8 @@ Everything here is tensor-in, tensor-out; `workers/tasks.py` distributes it on R
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -53,7 +53,8 @@ PERCENTILES = (99.0, 99.9, 99.99)
 # Part of the cache key: bump when the computed numbers change. 2: micro-batches run through the model in
 # batches (per-micro-batch gradients from hooks); same estimator, float32 sums in another order. 3: the
 # per-micro-batch gradients of small layers come from one bmm, batches of BATCH_TOKENS (float order again).
-ESTIMATOR_VERSION = 3
+# 4: activation costs on the last batch of sequences only (`act_set_start`); statistics from the Fisher forward.
+ESTIMATOR_VERSION = 4
 # Tokens per forward in both passes (whole sequences, at least one): 32 sequences of 128, 2 of 2048. Bounds the
 # activations held between forward and backward by tokens rather than sequences; larger batches cut the
 # per-operation overhead of the hooks on small models (docs/SENSITIVITY.md, memory).
@@ -93,6 +94,13 @@ def _input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m, torch.bincount(idx, minlength=HIST_BINS + 2).double()
 
 
+def _record(stats: ActStats, name: str, m: torch.Tensor, h: torch.Tensor) -> None:
+    """Add one input's (channel max|x|, histogram) to layer `name`'s statistics."""
+    prev = stats.channel_absmax.get(name)
+    stats.channel_absmax[name] = m.clone() if prev is None else torch.maximum(prev, m)  # own tensor per layer
+    stats.hist[name] = h + stats.hist.get(name, 0)
+
+
 def _observe(stats: ActStats, name: str, x: torch.Tensor, seen: dict[int, tuple] | None = None) -> None:
     """Add one input of layer `name`; `seen` (id -> (x, stats)) shares the work between layers reading the
     same tensor (q, k and v; gate and up)."""
@@ -101,10 +109,7 @@ def _observe(stats: ActStats, name: str, x: torch.Tensor, seen: dict[int, tuple]
         entry = (x, *_input_stats(x))
         if seen is not None:
             seen[id(x)] = entry  # holds x, so its id stays unique while `seen` lives
-    _, m, h = entry
-    prev = stats.channel_absmax.get(name)
-    stats.channel_absmax[name] = m.clone() if prev is None else torch.maximum(prev, m)  # own tensor per layer
-    stats.hist[name] = h + stats.hist.get(name, 0)
+    _record(stats, name, *entry[1:])
 
 
 @torch.no_grad()
@@ -210,19 +215,23 @@ def _dequantized_act(out: torch.Tensor, x: torch.Tensor, scheme: ActScheme, p: A
 # -- Fisher pass (forward + backward) --------------------------------------------------------------------
 @dataclass
 class FisherSums:
-    """Partial sums over micro-batches; merge by addition. Divide by `batches` for the estimate."""
+    """Partial sums over micro-batches; merge by addition. Divide `fisher` by `batches` and `act_cost` by
+    `act_batches` (the micro-batches of the activation-cost set) for the estimates."""
 
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_b T_b g_b^2, [N, K] float32
     act_cost: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_b dL_x, [len(ACT_SCHEMES)] float64
     batches: int = 0
+    act_batches: int = 0
     tokens: int = 0
     loss_sum: float = 0.0  # sum_b L_b, for the report
 
     def merge(self, other: FisherSums) -> FisherSums:
         for name, f in other.fisher.items():
             self.fisher[name] = f + self.fisher[name] if name in self.fisher else f.clone()
-            self.act_cost[name] = other.act_cost[name] + self.act_cost.get(name, 0)
+        for name, c in other.act_cost.items():
+            self.act_cost[name] = c + self.act_cost.get(name, 0)
         self.batches += other.batches
+        self.act_batches += other.act_batches
         self.tokens += other.tokens
         self.loss_sum += other.loss_sum
         return self
@@ -230,48 +239,69 @@ class FisherSums:
 
 @dataclass
 class _Input:
-    """One layer-input tensor of the batch in flight and its squared activation errors, computed once for all
-    the layers that read it with the same quantization parameters (q, k and v; gate and up)."""
+    """One layer-input tensor of the batch in flight, its statistics and its squared activation errors,
+    computed once for all the layers that read it (q, k and v; gate and up) with the same parameters."""
 
     x: torch.Tensor
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (channel max|x|, histogram) when recording
     sq_errors: dict[str, torch.Tensor] = field(default_factory=dict)  # params key -> [A, numel]
-    pending: dict[str, int] = field(default_factory=dict)  # params key -> readers whose backward is to come
+    pending: int = 0  # readers whose activation cost is still to come (their backward)
+
+
+ParamsSource = Mapping[str, ActQuantParams] | Callable[[], Mapping[str, ActQuantParams]]
 
 
 @dataclass
 class _Batch:
-    """The batch in flight: `groups` micro-batches of `t_b` predicted tokens each."""
+    """The batch in flight: `groups` micro-batches of `t_b` predicted tokens each, and the activation
+    quantization parameters once resolved (after the first forward: they may depend on its statistics)."""
 
     groups: int = 1
     t_b: int = 0
     inputs: dict[int, _Input] = field(default_factory=dict)  # id(x) -> _Input (holds x: ids stay unique)
+    params: Mapping[str, ActQuantParams] | None = None
+    shared: dict[str, str] = field(default_factory=dict)  # layer -> layer whose activation errors it reuses
 
 
 def fisher_sums(
     model: nn.Module,
     tokens: torch.Tensor,
-    params: Mapping[str, ActQuantParams],
+    params: ParamsSource | None = None,
     *,
     micro_batch: int = 1,
     batch_size: int | None = None,
+    stats: ActStats | None = None,
 ) -> FisherSums:
-    """Forward + backward over `tokens` in micro-batches: Fisher sums and activation costs of every layer.
+    """Forward + backward over `tokens` in micro-batches: Fisher sums of every layer, and with `params` its
+    activation costs; with `stats`, every layer input's statistics are added to it on the way (the forward
+    of the Fisher pass is the statistics pass).
+
+    `params` is the layers' activation quantization parameters, or a function returning them that is called
+    once, after the first forward and before its backward: from statistics that forward has just completed.
 
     Several micro-batches (about `batch_size` sequences, default BATCH_TOKENS worth) go through the model
     together: the backward pass differentiates sum_b L_b, and since sequences do not interact, the gradient
     reaching a layer's output on micro-batch b's tokens is dL_b/dY; hooks turn it into g_b = dL_b/dW per
     micro-batch (weights carry no .grad) and read dL_b/dx for the activation costs."""
-    modules = {n: m for n, m in quantizable_modules(model).items() if n in params}
+    names = list(quantizable_modules(model))
+    modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
     sums, batch = FisherSums(), _Batch()
-    with _fisher_hooks(modules, params, sums, batch):
+    feeders = trace_feeders(model, names) if stats is not None else nullcontext({})
+    with feeders as traced, _fisher_hooks({n: modules[n] for n in names}, sums, batch, stats, params is not None):
         for part, size in _batches(tokens, micro_batch, batch_size or batch_sequences(tokens.shape[1])):
             batch.groups, batch.t_b = part.shape[0] // size, size * (part.shape[1] - 1)
             loss = _sum_of_microbatch_losses(model, part, batch.groups)
+            if stats is not None:
+                stats.feeders.update(traced)  # complete after the first forward, before parameters are resolved
+            if params is not None and batch.params is None:
+                batch.params = params() if callable(params) else params
+                batch.shared = _shared_params(batch.params)
             loss.backward()
             batch.inputs.clear()
             sums.batches += batch.groups
+            sums.act_batches += batch.groups if params is not None else 0
             sums.tokens += batch.groups * batch.t_b
             sums.loss_sum += float(loss.detach())
     return sums
@@ -280,9 +310,15 @@ def fisher_sums(
 def _batches(tokens: torch.Tensor, micro_batch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:
     """(sequences, micro-batch size): runs of whole micro-batches of equal size, about batch_size sequences."""
     full = tokens.shape[0] // micro_batch * micro_batch
-    yield from ((part, micro_batch) for part in tokens[:full].split(max(1, batch_size // micro_batch) * micro_batch))
+    if full:  # (splitting no sequences would give one empty part)
+        yield from ((part, micro_batch) for part in tokens[:full].split(_batch_length(micro_batch, batch_size)))
     if full < tokens.shape[0]:
         yield tokens[full:], tokens.shape[0] - full  # the last, smaller micro-batch
+
+
+def _batch_length(micro_batch: int, batch_size: int) -> int:
+    """Sequences per forward: whole micro-batches, about batch_size sequences."""
+    return max(1, batch_size // micro_batch) * micro_batch
 
 
 def _sum_of_microbatch_losses(model: nn.Module, tokens: torch.Tensor, groups: int) -> torch.Tensor:
@@ -294,21 +330,26 @@ def _sum_of_microbatch_losses(model: nn.Module, tokens: torch.Tensor, groups: in
 
 @contextmanager
 def _fisher_hooks(
-    modules: Mapping[str, nn.Module], params: Mapping[str, ActQuantParams], sums: FisherSums, batch: _Batch
+    modules: Mapping[str, nn.Module], sums: FisherSums, batch: _Batch, stats: ActStats | None, act: bool
 ) -> Iterator[None]:
-    """On forward, hand each layer its own view of its input (a leaf copy when the input carries no gradient)
-    and hook the gradients of that view and of the layer's output. The gradient reaching the view is dL/dx
-    through this layer only (q, k and v read one tensor): it gives the activation costs. The output's gradient
-    dL/dY with the input X gives the per-micro-batch weight gradients Y_b^T X_b for the Fisher sums."""
-    shared = _shared_params(params)
+    """On forward, record each layer input's statistics (with `stats`), hand the layer its own view of its
+    input (a leaf copy when the input carries no gradient) and hook the gradients of that view (with `act`)
+    and of the layer's output. The gradient reaching the view is dL/dx through this layer only (q, k and v
+    read one tensor): it gives the activation costs. The output's gradient dL/dY with the input X gives the
+    per-micro-batch weight gradients Y_b^T X_b for the Fisher sums."""
 
     def before(name: str):
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x, key = args[0], shared[name]
-            entry = batch.inputs.setdefault(id(x), _Input(x))
-            entry.pending[key] = entry.pending.get(key, 0) + 1
+            x = args[0]
+            entry = batch.inputs.get(id(x))
+            if entry is None:
+                entry = batch.inputs[id(x)] = _Input(x, _input_stats(x) if stats is not None else None)
+            if entry.stats is not None:
+                _record(stats, name, *entry.stats)
             view = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
-            view.register_hook(lambda g: _add_act_cost(sums, name, entry, key, g, params[name], batch.t_b))
+            if act:
+                entry.pending += 1
+                view.register_hook(lambda g: _add_act_cost(sums, name, entry, g, batch))
             return (view, *args[1:])
 
         return hook
@@ -363,18 +404,63 @@ def _add_fisher(sums: FisherSums, name: str, x: torch.Tensor, dy: torch.Tensor, 
         f.addcmul_(g_b, g_b, value=batch.t_b)
 
 
-def _add_act_cost(
-    sums: FisherSums, name: str, entry: _Input, key: str, g: torch.Tensor, p: ActQuantParams, t_b: int
-) -> None:
+def _add_act_cost(sums: FisherSums, name: str, entry: _Input, g: torch.Tensor, batch: _Batch) -> None:
     """Add T_b/2 sum (dL_b/dx)^2 (x - Q_a(x))^2 for every activation scheme a."""
+    key = batch.shared[name]
     sq = entry.sq_errors.get(key)
     if sq is None:
-        sq = entry.sq_errors[key] = act_sq_errors(entry.x, p).flatten(1)  # [A, numel]
-    entry.pending[key] -= 1
-    if not entry.pending[key]:
-        del entry.sq_errors[key]  # every reader has used it
+        sq = entry.sq_errors[key] = act_sq_errors(entry.x, batch.params[name]).flatten(1)  # [A, numel]
+    entry.pending -= 1
+    if not entry.pending:
+        entry.sq_errors.clear()  # every reader has used them
     costs = torch.mv(sq, g.detach().float().reshape(-1).square())  # [A]
-    sums.act_cost[name] = (0.5 * t_b) * costs.double() + sums.act_cost.get(name, 0)
+    sums.act_cost[name] = (0.5 * batch.t_b) * costs.double() + sums.act_cost.get(name, 0)
+
+
+# -- the whole pass in one process ------------------------------------------------------------------------
+def act_set_start(tokens: torch.Tensor, micro_batch: int = 1, act_samples: int | None = None) -> int:
+    """Index of the first sequence of the activation-cost set: the last `act_samples` sequences (default: one
+    forward batch, BATCH_TOKENS worth), widened to whole micro-batches; every sequence when there are fewer."""
+    n = tokens.shape[0]
+    want = act_samples or batch_sequences(tokens.shape[1])
+    return max(0, n - want) // micro_batch * micro_batch
+
+
+def sensitivity_pass(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    micro_batch: int = 1,
+    act_samples: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[ActStats, FisherSums]:
+    """Statistics, Fisher sums and activation costs of `model` on `tokens` in one process, with one forward
+    per token wherever the estimator allows.
+
+    The activation costs need every statistic (static scales, equalization vectors) before the first backward
+    that measures them, so they are measured on the last sequences only (`act_set_start`). Every sequence
+    before them runs the Fisher forward + backward, whose forward records its statistics. Then the act set's
+    first batch runs forward, completing the statistics, and the parameters are computed before its backward.
+    Only an act set longer than one batch needs a forward of its remaining sequences beforehand."""
+    batch_size = batch_size or batch_sequences(tokens.shape[1])
+    n, start = tokens.shape[0], act_set_start(tokens, micro_batch, act_samples)
+    whole = start + (n - start) // micro_batch * micro_batch  # the act set's whole micro-batches end here
+    first = min(start + _batch_length(micro_batch, batch_size), whole) if whole > start else n  # one forward
+    stats, sums, params = ActStats(), FisherSums(), {}
+    if start:
+        sums = fisher_sums(model, tokens[:start], micro_batch=micro_batch, batch_size=batch_size, stats=stats)
+    if first < n:  # the act set is longer than one batch: its remaining statistics first
+        stats.merge(collect_act_stats(model, tokens[first:], batch_size=batch_size))
+
+    def complete_params() -> dict[str, ActQuantParams]:
+        params.update(layer_act_params(model, stats))
+        return params
+
+    sums.merge(fisher_sums(model, tokens[start:first], complete_params, micro_batch=micro_batch,
+                           batch_size=batch_size, stats=stats))
+    if first < n:
+        sums.merge(fisher_sums(model, tokens[first:], params, micro_batch=micro_batch, batch_size=batch_size))
+    return stats, sums
 
 
 # -- weight costs (from the reduced Fisher) --------------------------------------------------------------
@@ -501,7 +587,7 @@ def build_table(
     """Reduce partial sums into a SensitivityTable (`meta`: key, model, calibration, estimator)."""
     layers, tensors = [], {}
     for name, module in quantizable_modules(net).items():
-        act = sums.act_cost[name] / max(sums.batches, 1)
+        act = sums.act_cost[name] / max(sums.act_batches, 1)
         absmax = stats.channel_absmax[name]
         layers.append(LayerSensitivity(
             name=name,
@@ -515,6 +601,6 @@ def build_table(
         ))
         tensors[f"channel_absmax/{name}"] = absmax
         tensors |= {f"blocks/{name}/{s}": c.blocks for s, c in costs[name].items()}
-    estimator = {**meta.pop("estimator", {}), "batches": sums.batches, "tokens": sums.tokens,
-                 "loss": sums.loss_sum / max(sums.batches, 1)}
+    estimator = {**meta.pop("estimator", {}), "batches": sums.batches, "act_batches": sums.act_batches,
+                 "tokens": sums.tokens, "loss": sums.loss_sum / max(sums.batches, 1)}
     return SensitivityTable(layers=tuple(layers), tensors=tensors, estimator=estimator, **meta)

@@ -1,9 +1,11 @@
 """Ray tasks: the sensitivity pass distributed over calibration shards (the only module that says ray.remote).
 
-Three data-parallel stages, each a set of tasks returning partial results that the driver reduces:
-activation statistics (forward), Fisher sums and activation costs (forward + backward), then weight costs
-per chunk of layers from the reduced Fisher. Shards are whole micro-batches, so any number of workers sums the
-same micro-batch terms (only the float summation order differs).
+One worker runs the fused pass (`workers.sensitivity.sensitivity_pass`: one forward per token) in one task.
+Several workers run data-parallel stages, each a set of tasks returning partial results that the driver
+reduces: Fisher sums with statistics on the sequences before the activation-cost set, together with the act
+set's statistics (forward); then Fisher sums with activation costs on the act set; then weight costs per chunk
+of layers from the reduced Fisher. Shards are whole micro-batches, so any number of workers sums the same
+micro-batch terms (only the float summation order differs).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from workers.sensitivity import (
     ActStats,
     FisherSums,
     WeightCost,
+    act_set_start,
     build_table,
     collect_act_stats,
     fisher_sums,
     layer_act_params,
+    sensitivity_pass,
     weight_costs,
 )
 from workers.table import SensitivityTable
@@ -92,15 +96,25 @@ def _threads(workers: int) -> int:
 
 # -- remote functions (each sets its torch threads to the CPUs Ray gave it) -----------------------------------
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _stats_task(model: nn.Module, tokens: torch.Tensor, threads: int) -> ActStats:
+def _pass_task(model: nn.Module, tokens: torch.Tensor, micro_batch: int, act_samples: int | None,
+               threads: int) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
-    return collect_act_stats(model.float(), tokens)
+    return sensitivity_pass(model.float(), tokens, micro_batch=micro_batch, act_samples=act_samples)
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _fisher_task(model: nn.Module, tokens: torch.Tensor, params: dict, micro_batch: int, threads: int) -> FisherSums:
+def _stats_task(model: nn.Module, tokens: torch.Tensor, threads: int) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
-    return fisher_sums(model.float(), tokens, params, micro_batch=micro_batch)
+    return collect_act_stats(model.float(), tokens), FisherSums()
+
+
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
+def _fisher_task(model: nn.Module, tokens: torch.Tensor, params: dict | None, micro_batch: int,
+                 threads: int) -> tuple[ActStats, FisherSums]:
+    torch.set_num_threads(threads)
+    stats = ActStats()  # recorded on a Fisher-only shard (no parameters); an act-set shard's are known already
+    sums = fisher_sums(model.float(), tokens, params, micro_batch=micro_batch, stats=stats if params is None else None)
+    return stats, sums
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
@@ -116,12 +130,14 @@ def compute_sensitivity(
     *,
     workers: int = 1,
     micro_batch: int = 1,
+    act_samples: int | None = None,
     address: str | None = None,
     threads: int | None = None,
     progress: bool = False,
     **meta: Any,
 ) -> SensitivityTable:
-    """The SensitivityTable of `model` on calibration `tokens` [samples, seq_len], on `workers` Ray workers.
+    """The SensitivityTable of `model` on calibration `tokens` [samples, seq_len], on `workers` Ray workers
+    (activation costs on the last `act_samples` sequences: `workers.sensitivity.act_set_start`).
 
     Each task gets `threads` CPUs and torch threads (default: the cluster's CPUs / workers).
     `meta` (key, model_info, calibration, estimator) is stored in the table as given.
@@ -131,20 +147,43 @@ def compute_sensitivity(
     init_ray(address)
     threads = threads or _threads(workers)
     opts = {"num_cpus": threads}
-    shards = _shards(tokens, micro_batch, 2 * workers)
     model_ref = ray.put(model.eval())
     with _progress(progress) as track:
-        stats = reduce(ActStats.merge, track("activation statistics", [
-            _stats_task.options(**opts).remote(model_ref, s, threads) for s in shards]))
-        params = layer_act_params(model, stats)
-        sums = reduce(FisherSums.merge, track("Fisher pass", [
-            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, threads) for s in shards]))
+        if workers == 1:  # one process: the fused pass, one forward per token
+            stats, sums = track("sensitivity pass", [
+                _pass_task.options(**opts).remote(model_ref, tokens, micro_batch, act_samples, threads)])[0]
+        else:
+            stats, sums = _parallel_pass(model, model_ref, tokens, workers, micro_batch, act_samples, opts, track)
         chunks = _layer_chunks(model, sums, 2 * workers)
         costs: dict[str, dict[str, WeightCost]] = {}
         for part in track("weight costs", [_weight_task.options(**opts).remote(c, threads) for c in chunks]):
             costs |= part
     model_info = meta.pop("model_info", {})
     return build_table(model, stats, sums, costs, model=model_info, **meta)
+
+
+def _parallel_pass(
+    model: nn.Module, model_ref: ray.ObjectRef, tokens: torch.Tensor, workers: int, micro_batch: int,
+    act_samples: int | None, opts: dict, track: Callable[[str, list], list],
+) -> tuple[ActStats, FisherSums]:
+    """The pass on several workers: tasks over shards of the sequences before the act set run the Fisher pass
+    and record statistics, while tasks over shards of the act set record its statistics (a forward); then,
+    with every statistic known, tasks over the act set's shards run the Fisher pass with activation costs."""
+    start = act_set_start(tokens, micro_batch, act_samples)
+    threads = opts["num_cpus"]
+    head = _shards(tokens[:start], micro_batch, 2 * workers) if start else []
+    first = track("Fisher pass and statistics", [
+        *(_fisher_task.options(**opts).remote(model_ref, s, None, micro_batch, threads) for s in head),
+        *(_stats_task.options(**opts).remote(model_ref, s, threads) for s in _shards(tokens[start:], micro_batch,
+                                                                                  2 * workers))])
+    stats = reduce(ActStats.merge, (s for s, _ in first))
+    sums = reduce(FisherSums.merge, (f for _, f in first))
+    params = layer_act_params(model, stats)
+    for _, part in track("activation costs", [
+            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, threads)
+            for s in _shards(tokens[start:], micro_batch, 2 * workers)]):
+        sums.merge(part)
+    return stats, sums
 
 
 def _shards(tokens: torch.Tensor, micro_batch: int, n: int) -> list[torch.Tensor]:

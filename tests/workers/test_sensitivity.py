@@ -20,12 +20,15 @@ from workers.sensitivity import (
     ACT_SCHEMES,
     HIST_EDGES,
     ActStats,
+    FisherSums,
     act_quant_error,
+    act_set_start,
     block_costs,
     collect_act_stats,
     fisher_sums,
     layer_act_params,
     percentile_from_hist,
+    sensitivity_pass,
     spearman,
     weight_costs,
 )
@@ -112,6 +115,52 @@ def test_activation_cost_matches_manual_hook_computation(tiny, tokens) -> None:
         err = act_quant_error(cache["x"].detach(), a, params[name])
         manual = 0.5 * t_b * (gx.pow(2) * err.pow(2)).sum()
         assert float(sums.act_cost[name][i]) == pytest.approx(float(manual.detach()), rel=1e-4)
+
+
+def _reference_pass(model, tokens, start: int, micro_batch: int) -> tuple[ActStats, FisherSums]:
+    """Estimator v3's two passes, restricted: statistics over every token, Fisher sums over every token and
+    activation costs over tokens[start:] only (what the fused pass must reproduce)."""
+    stats = collect_act_stats(model, tokens)
+    params = layer_act_params(model, stats)
+    sums = FisherSums()
+    if start:
+        sums.merge(fisher_sums(copy.deepcopy(model), tokens[:start], micro_batch=micro_batch))
+    return stats, sums.merge(fisher_sums(copy.deepcopy(model), tokens[start:], params, micro_batch=micro_batch))
+
+
+@pytest.mark.parametrize(("samples", "micro_batch", "act_samples", "batch_size"), [
+    (4, 1, None, None),  # the act set is every sequence, one forward batch: no statistics forward at all
+    (8, 1, 3, None),  # sequences before the act set run Fisher-only and record their statistics
+    (9, 2, 4, 2),  # an act set of two forward batches (a statistics forward for the second), a last short micro-batch
+    (5, 2, 2, 8),  # a partial micro-batch beyond the act set's only batch: its statistics come first
+])
+def test_fused_pass_equals_statistics_then_fisher(tiny, samples, micro_batch, act_samples, batch_size) -> None:
+    """One forward per token gives the same statistics, Fisher sums and activation costs (on the act set) as a
+    statistics forward over every token followed by the Fisher pass."""
+    tokens = torch.randint(2, 64, (samples, 12), generator=torch.Generator().manual_seed(samples))
+    start = act_set_start(tokens, micro_batch, act_samples)
+    assert start == (0 if act_samples is None else (samples - act_samples) // micro_batch * micro_batch)
+    stats, sums = sensitivity_pass(copy.deepcopy(tiny), tokens, micro_batch=micro_batch, act_samples=act_samples,
+                                   batch_size=batch_size)
+    ref_stats, ref = _reference_pass(tiny, tokens, start, micro_batch)
+    assert stats.feeders == ref_stats.feeders and stats.feeders
+    for name in ref_stats.channel_absmax:
+        assert torch.equal(stats.channel_absmax[name], ref_stats.channel_absmax[name])
+        assert torch.equal(stats.hist[name], ref_stats.hist[name])
+    assert (sums.batches, sums.act_batches, sums.tokens) == (ref.batches, ref.act_batches, ref.tokens)
+    assert sums.act_batches == -(-(samples - start) // micro_batch) < sums.batches or start == 0
+    assert sums.loss_sum == pytest.approx(ref.loss_sum, rel=1e-5)
+    for name, f in ref.fisher.items():
+        torch.testing.assert_close(sums.fisher[name], f, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(sums.act_cost[name], ref.act_cost[name], rtol=1e-4, atol=1e-12)
+
+
+def test_act_set_start_keeps_whole_micro_batches() -> None:
+    tokens = torch.zeros(10, 128, dtype=torch.long)  # one forward batch is 32 sequences of 128
+    assert act_set_start(tokens) == 0
+    assert act_set_start(tokens, act_samples=4) == 6
+    assert act_set_start(tokens, micro_batch=4, act_samples=3) == 4  # widened to whole micro-batches
+    assert act_set_start(torch.zeros(100, 128, dtype=torch.long)) == 68
 
 
 def test_weight_costs_pick_the_best_clip_and_blocks_sum_to_cost() -> None:

@@ -22,12 +22,18 @@ def _tiny_llama() -> LlamaForCausalLM:
                                         num_attention_heads=4, num_key_value_heads=2)).eval()
 
 
-def test_two_workers_give_the_same_table_as_one(ray_local, stories_hf: Path, stories_dir: Path) -> None:
+@pytest.mark.parametrize("act_samples", [None, 3])
+def test_two_workers_give_the_same_table_as_one(ray_local, stories_hf: Path, stories_dir: Path,
+                                                act_samples: int | None) -> None:
+    """One worker runs the fused pass; two run Fisher-only shards, then the act set's shards (with 3 act
+    samples, 5 sequences come before the act set)."""
     model, tok = load_model(str(stories_hf))
     calib = calibration_set(f"text:{stories_dir / 'sampled_seed1.txt'}", tok, samples=8, seq_len=64, seed=3)
-    one = compute_sensitivity(model, calib.tokens, workers=1, key="k", model_info={}, calibration={}, estimator={})
-    two = compute_sensitivity(model, calib.tokens, workers=2, key="k", model_info={}, calibration={}, estimator={})
+    meta = {"key": "k", "model_info": {}, "calibration": {}, "estimator": {}, "act_samples": act_samples}
+    one = compute_sensitivity(model, calib.tokens, workers=1, **meta)
+    two = compute_sensitivity(model, calib.tokens, workers=2, **meta)
     assert one.estimator["batches"] == two.estimator["batches"] == 8
+    assert one.estimator["act_batches"] == two.estimator["act_batches"] == (act_samples or 8)
     for a, b in zip(one.layers, two.layers, strict=True):
         assert a.name == b.name and a.feeder == b.feeder and a.act_absmax == b.act_absmax
         for costs_a, costs_b in ((a.weight_cost, b.weight_cost), (a.act_cost, b.act_cost)):
@@ -60,13 +66,18 @@ class RaisingModel(CrashingModel):
         raise RuntimeError("boom in the worker")
 
 
-@pytest.mark.parametrize("model_cls", [RaisingModel, CrashingModel])
-def test_failing_worker_is_retried_then_reported(ray_local, tmp_path: Path, model_cls: type) -> None:
+@pytest.mark.parametrize(("model_cls", "workers", "stage"), [
+    (RaisingModel, 1, "sensitivity pass"),
+    (CrashingModel, 1, "sensitivity pass"),
+    (RaisingModel, 2, "Fisher pass and statistics"),
+])
+def test_failing_worker_is_retried_then_reported(ray_local, tmp_path: Path, model_cls: type, workers: int,
+                                                 stage: str) -> None:
     counter = tmp_path / "attempts"
-    tokens = torch.randint(0, 64, (1, 8))
-    with pytest.raises(RayError, match="activation statistics task failed after 3 attempts") as info:
-        compute_sensitivity(model_cls(str(counter)), tokens, workers=1, key="k", model_info={}, calibration={},
-                            estimator={})
+    tokens = torch.randint(0, 64, (1, 8))  # one shard: one task
+    with pytest.raises(RayError, match=f"{stage} task failed after 3 attempts") as info:
+        compute_sensitivity(model_cls(str(counter)), tokens, workers=workers, key="k", model_info={},
+                            calibration={}, estimator={})
     assert counter.read_text() == "xxx"  # one try plus MAX_RETRIES retries
     if model_cls is RaisingModel:
         assert "boom in the worker" in str(info.value)

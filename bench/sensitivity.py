@@ -38,6 +38,7 @@ from workers.sensitivity import (  # noqa: E402
     collect_act_stats,
     fisher_sums,
     layer_act_params,
+    model_width,
     sensitivity_pass,
     weight_costs,
 )
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--batch-size", type=int, help="sequences per forward in the pass and the batched baseline "
-                   "(default: the pass's own, BATCH_TOKENS worth of sequences)")
+                   "(default: the pass's own, `batch_sequences` for the model's width)")
     p.add_argument("--act-samples", type=int, help="sequences of the activation-cost set (default: one batch)")
     p.add_argument("--repeat", type=int, default=3, help="timing rounds (best of)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (driver and each worker)")
@@ -99,7 +100,7 @@ def main() -> None:
     if args.random_hidden:
         model = random_llama(args.random_hidden, len(tok))
     tokens = calibration_set(args.data, tok, samples=args.samples, seq_len=args.seq_len).tokens
-    args.batch_size = args.batch_size or batch_sequences(tokens.shape[1])
+    args.batch_size = args.batch_size or batch_sequences(tokens.shape[1], model_width(model))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     plain_forward_backward(copy.deepcopy(model), tokens[:2], args.micro_batch)  # warm-up

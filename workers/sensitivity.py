@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.apply import quantizable_modules, trace_feeders
-from quant.modules import linear_layout
+from quant.modules import linear_layout, linear_shape
 from quant.quantizers import (  # _round_scale: the stored fp16 scale, as quantize_weight rounds it
     ACT_QMAX,
     _round_scale,
@@ -55,15 +55,32 @@ PERCENTILES = (99.0, 99.9, 99.99)
 # per-micro-batch gradients of small layers come from one bmm, batches of BATCH_TOKENS (float order again).
 # 4: activation costs on the last batch of sequences only (`act_set_start`); statistics from the Fisher forward.
 ESTIMATOR_VERSION = 4
-# Tokens per forward in both passes (whole sequences, at least one): 32 sequences of 128, 2 of 2048. Bounds the
-# activations held between forward and backward by tokens rather than sequences; larger batches cut the
-# per-operation overhead of the hooks on small models (docs/SENSITIVITY.md, memory).
+# Tokens per forward (whole sequences, at least one): at most BATCH_TOKENS, and at most BATCH_ELEMENTS divided by
+# the model's widest layer (in or out features), so that one activation of a batch stays about 12 MiB of float32.
+# Larger batches cut the per-operation overhead of the hooks on small models; on wider ones larger batches run
+# slower per token (at width 2,752: 1,024 tokens 14.3 s, 4,096 tokens 17.4 s for the same plain fwd+bwd) and
+# hold more memory between forward and backward (docs/SENSITIVITY.md, memory).
 BATCH_TOKENS = 4096
+BATCH_ELEMENTS = 3 << 20
+# Default size of the act set, the last sequences whose activation costs are measured (act_set_start), and how
+# many of its batches sensitivity_pass holds between their forward and backward (their activations at once).
+ACT_TOKENS = 4096
+ACT_IN_FLIGHT = 4
 
 
-def batch_sequences(seq_len: int, batch_tokens: int = BATCH_TOKENS) -> int:
-    """Sequences per forward: batch_tokens worth of sequences of seq_len, at least one."""
-    return max(1, batch_tokens // max(seq_len, 1))
+def batch_sequences(seq_len: int, width: int = 0) -> int:
+    """Sequences per forward for a model whose widest layer has `width` features (0: unknown)."""
+    tokens = min(BATCH_TOKENS, BATCH_ELEMENTS // width) if width > 0 else BATCH_TOKENS
+    return max(1, tokens // max(seq_len, 1))
+
+
+def model_width(model: nn.Module) -> int:
+    """The widest in or out features of the model's quantizable layers."""
+    return max((max(linear_shape(m)) for m in quantizable_modules(model).values()), default=0)
+
+
+def _batch_size(model: nn.Module, tokens: torch.Tensor, batch_size: int | None) -> int:
+    return batch_size or batch_sequences(tokens.shape[1], model_width(model))
 
 
 # -- activation statistics (forward only) -----------------------------------------------------------------
@@ -114,9 +131,9 @@ def _observe(stats: ActStats, name: str, x: torch.Tensor, seen: dict[int, tuple]
 
 @torch.no_grad()
 def collect_act_stats(model: nn.Module, tokens: torch.Tensor, *, batch_size: int | None = None) -> ActStats:
-    """Forward passes over `tokens` (batch_size sequences each, default BATCH_TOKENS worth) recording every
+    """Forward passes over `tokens` (batch_size sequences each, default `batch_sequences`) recording every
     quantizable layer's input statistics, through the trunk that holds the layers (the logits are not needed)."""
-    batch_size = batch_size or batch_sequences(tokens.shape[1])
+    batch_size = _batch_size(model, tokens, batch_size)
     names = list(quantizable_modules(model))
     modules = dict(model.named_modules())
     trunk = _trunk(model, names)
@@ -253,14 +270,24 @@ ParamsSource = Mapping[str, ActQuantParams] | Callable[[], Mapping[str, ActQuant
 
 @dataclass
 class _Batch:
-    """The batch in flight: `groups` micro-batches of `t_b` predicted tokens each, and the activation
-    quantization parameters once resolved (after the first forward: they may depend on its statistics)."""
+    """One batch between its forward and its backward: `groups` micro-batches of `t_b` predicted tokens each."""
 
-    groups: int = 1
-    t_b: int = 0
+    groups: int
+    t_b: int
+    loss: torch.Tensor | None = None  # sum_b L_b, whose backward is to come
     inputs: dict[int, _Input] = field(default_factory=dict)  # id(x) -> _Input (holds x: ids stay unique)
+
+
+@dataclass
+class _State:
+    """What the hooks read: the batch going forward, and the activation quantization parameters once known."""
+
+    batch: _Batch | None = None
     params: Mapping[str, ActQuantParams] | None = None
     shared: dict[str, str] = field(default_factory=dict)  # layer -> layer whose activation errors it reuses
+
+    def resolve(self, params: Mapping[str, ActQuantParams]) -> None:
+        self.params, self.shared = params, _shared_params(params)
 
 
 def fisher_sums(
@@ -276,10 +303,12 @@ def fisher_sums(
     activation costs; with `stats`, every layer input's statistics are added to it on the way (the forward
     of the Fisher pass is the statistics pass).
 
-    `params` is the layers' activation quantization parameters, or a function returning them that is called
-    once, after the first forward and before its backward: from statistics that forward has just completed.
+    `params` is the layers' activation quantization parameters, or a function returning them. A function is
+    called once, after every batch of `tokens` has gone forward (so from statistics those forwards have just
+    completed) and before any backward: every batch's activations are held until then, so pass only as many
+    tokens as may be held at once.
 
-    Several micro-batches (about `batch_size` sequences, default BATCH_TOKENS worth) go through the model
+    Several micro-batches (about `batch_size` sequences, default `batch_sequences`) go through the model
     together: the backward pass differentiates sum_b L_b, and since sequences do not interact, the gradient
     reaching a layer's output on micro-batch b's tokens is dL_b/dY; hooks turn it into g_b = dL_b/dW per
     micro-batch (weights carry no .grad) and read dL_b/dx for the activation costs."""
@@ -287,24 +316,39 @@ def fisher_sums(
     modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
-    sums, batch = FisherSums(), _Batch()
+    sums, state, deferred = FisherSums(), _State(), callable(params)
+    if params is not None and not deferred:
+        state.resolve(params)
+    held: list[_Batch] = []
     feeders = trace_feeders(model, names) if stats is not None else nullcontext({})
-    with feeders as traced, _fisher_hooks({n: modules[n] for n in names}, sums, batch, stats, params is not None):
-        for part, size in _batches(tokens, micro_batch, batch_size or batch_sequences(tokens.shape[1])):
-            batch.groups, batch.t_b = part.shape[0] // size, size * (part.shape[1] - 1)
-            loss = _sum_of_microbatch_losses(model, part, batch.groups)
+    with feeders as traced, _fisher_hooks({n: modules[n] for n in names}, sums, state, stats, params is not None):
+        for part, size in _batches(tokens, micro_batch, _batch_size(model, tokens, batch_size)):
+            batch = state.batch = _Batch(part.shape[0] // size, size * (part.shape[1] - 1))
+            batch.loss = _sum_of_microbatch_losses(model, part, batch.groups)
+            held.append(batch)
+            if not deferred:
+                _backward(held.pop(), sums, params is not None)
+        if deferred:
             if stats is not None:
-                stats.feeders.update(traced)  # complete after the first forward, before parameters are resolved
-            if params is not None and batch.params is None:
-                batch.params = params() if callable(params) else params
-                batch.shared = _shared_params(batch.params)
-            loss.backward()
-            batch.inputs.clear()
-            sums.batches += batch.groups
-            sums.act_batches += batch.groups if params is not None else 0
-            sums.tokens += batch.groups * batch.t_b
-            sums.loss_sum += float(loss.detach())
+                stats.feeders.update(traced)  # layer_act_params groups SmoothQuant's layers by their norm
+            state.resolve(params())
+        for batch in held:
+            _backward(batch, sums, True)
+    if stats is not None:
+        stats.feeders.update(traced)
     return sums
+
+
+def _backward(batch: _Batch, sums: FisherSums, act: bool) -> None:
+    """Run the batch's backward (its hooks add to `sums`) and count it."""
+    assert batch.loss is not None
+    batch.loss.backward()
+    batch.inputs.clear()
+    sums.batches += batch.groups
+    sums.act_batches += batch.groups if act else 0
+    sums.tokens += batch.groups * batch.t_b
+    sums.loss_sum += float(batch.loss.detach())
+    batch.loss = None
 
 
 def _batches(tokens: torch.Tensor, micro_batch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:
@@ -330,7 +374,7 @@ def _sum_of_microbatch_losses(model: nn.Module, tokens: torch.Tensor, groups: in
 
 @contextmanager
 def _fisher_hooks(
-    modules: Mapping[str, nn.Module], sums: FisherSums, batch: _Batch, stats: ActStats | None, act: bool
+    modules: Mapping[str, nn.Module], sums: FisherSums, state: _State, stats: ActStats | None, act: bool
 ) -> Iterator[None]:
     """On forward, record each layer input's statistics (with `stats`), hand the layer its own view of its
     input (a leaf copy when the input carries no gradient) and hook the gradients of that view (with `act`)
@@ -340,7 +384,7 @@ def _fisher_hooks(
 
     def before(name: str):
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            x = args[0]
+            x, batch = args[0], state.batch  # the batch going forward, whose backward may come later
             entry = batch.inputs.get(id(x))
             if entry is None:
                 entry = batch.inputs[id(x)] = _Input(x, _input_stats(x) if stats is not None else None)
@@ -349,14 +393,14 @@ def _fisher_hooks(
             view = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
             if act:
                 entry.pending += 1
-                view.register_hook(lambda g: _add_act_cost(sums, name, entry, g, batch))
+                view.register_hook(lambda g: _add_act_cost(sums, name, entry, g, batch, state))
             return (view, *args[1:])
 
         return hook
 
     def after(name: str):
         def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            x = args[0].detach()
+            x, batch = args[0].detach(), state.batch
             out.register_hook(lambda dy: _add_fisher(sums, name, x, dy, batch))
 
         return hook
@@ -368,7 +412,7 @@ def _fisher_hooks(
     finally:
         for h in hooks:
             h.remove()
-        batch.inputs.clear()
+        state.batch = None
 
 
 def _shared_params(params: Mapping[str, ActQuantParams]) -> dict[str, str]:
@@ -404,12 +448,15 @@ def _add_fisher(sums: FisherSums, name: str, x: torch.Tensor, dy: torch.Tensor, 
         f.addcmul_(g_b, g_b, value=batch.t_b)
 
 
-def _add_act_cost(sums: FisherSums, name: str, entry: _Input, g: torch.Tensor, batch: _Batch) -> None:
+def _add_act_cost(
+    sums: FisherSums, name: str, entry: _Input, g: torch.Tensor, batch: _Batch, state: _State
+) -> None:
     """Add T_b/2 sum (dL_b/dx)^2 (x - Q_a(x))^2 for every activation scheme a."""
-    key = batch.shared[name]
+    assert state.params is not None
+    key = state.shared[name]
     sq = entry.sq_errors.get(key)
     if sq is None:
-        sq = entry.sq_errors[key] = act_sq_errors(entry.x, batch.params[name]).flatten(1)  # [A, numel]
+        sq = entry.sq_errors[key] = act_sq_errors(entry.x, state.params[name]).flatten(1)  # [A, numel]
     entry.pending -= 1
     if not entry.pending:
         entry.sq_errors.clear()  # every reader has used them
@@ -420,9 +467,9 @@ def _add_act_cost(sums: FisherSums, name: str, entry: _Input, g: torch.Tensor, b
 # -- the whole pass in one process ------------------------------------------------------------------------
 def act_set_start(tokens: torch.Tensor, micro_batch: int = 1, act_samples: int | None = None) -> int:
     """Index of the first sequence of the activation-cost set: the last `act_samples` sequences (default: one
-    forward batch, BATCH_TOKENS worth), widened to whole micro-batches; every sequence when there are fewer."""
+    ACT_TOKENS worth, at least one), widened to whole micro-batches; every sequence when there are fewer."""
     n = tokens.shape[0]
-    want = act_samples or batch_sequences(tokens.shape[1])
+    want = act_samples or max(1, ACT_TOKENS // tokens.shape[1])
     return max(0, n - want) // micro_batch * micro_batch
 
 
@@ -435,31 +482,30 @@ def sensitivity_pass(
     batch_size: int | None = None,
 ) -> tuple[ActStats, FisherSums]:
     """Statistics, Fisher sums and activation costs of `model` on `tokens` in one process, with one forward
-    per token wherever the estimator allows.
+    per token wherever the estimator and the memory bound allow.
 
     The activation costs need every statistic (static scales, equalization vectors) before the first backward
     that measures them, so they are measured on the last sequences only (`act_set_start`). Every sequence
     before them runs the Fisher forward + backward, whose forward records its statistics. Then the act set's
-    first batch runs forward, completing the statistics, and the parameters are computed before its backward.
-    Only an act set longer than one batch needs a forward of its remaining sequences beforehand."""
-    batch_size = batch_size or batch_sequences(tokens.shape[1])
+    first ACT_IN_FLIGHT batches go forward, completing the statistics, the parameters are computed, and their
+    backwards run. Only an act set longer than that needs a forward of its remaining sequences beforehand."""
+    batch_size = _batch_size(model, tokens, batch_size)
     n, start = tokens.shape[0], act_set_start(tokens, micro_batch, act_samples)
-    whole = start + (n - start) // micro_batch * micro_batch  # the act set's whole micro-batches end here
-    first = min(start + _batch_length(micro_batch, batch_size), whole) if whole > start else n  # one forward
+    held = min(n, start + ACT_IN_FLIGHT * _batch_length(micro_batch, batch_size))  # act set's batches held at once
     stats, sums, params = ActStats(), FisherSums(), {}
     if start:
         sums = fisher_sums(model, tokens[:start], micro_batch=micro_batch, batch_size=batch_size, stats=stats)
-    if first < n:  # the act set is longer than one batch: its remaining statistics first
-        stats.merge(collect_act_stats(model, tokens[first:], batch_size=batch_size))
+    if held < n:  # the act set is longer than the batches held at once: the rest's statistics first
+        stats.merge(collect_act_stats(model, tokens[held:], batch_size=batch_size))
 
     def complete_params() -> dict[str, ActQuantParams]:
         params.update(layer_act_params(model, stats))
         return params
 
-    sums.merge(fisher_sums(model, tokens[start:first], complete_params, micro_batch=micro_batch,
+    sums.merge(fisher_sums(model, tokens[start:held], complete_params, micro_batch=micro_batch,
                            batch_size=batch_size, stats=stats))
-    if first < n:
-        sums.merge(fisher_sums(model, tokens[first:], params, micro_batch=micro_batch, batch_size=batch_size))
+    if held < n:
+        sums.merge(fisher_sums(model, tokens[held:], params, micro_batch=micro_batch, batch_size=batch_size))
     return stats, sums
 
 

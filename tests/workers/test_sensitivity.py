@@ -131,8 +131,9 @@ def _reference_pass(model, tokens, start: int, micro_batch: int) -> tuple[ActSta
 @pytest.mark.parametrize(("samples", "micro_batch", "act_samples", "batch_size"), [
     (4, 1, None, None),  # the act set is every sequence, one forward batch: no statistics forward at all
     (8, 1, 3, None),  # sequences before the act set run Fisher-only and record their statistics
-    (9, 2, 4, 2),  # an act set of two forward batches (a statistics forward for the second), a last short micro-batch
-    (5, 2, 2, 8),  # a partial micro-batch beyond the act set's only batch: its statistics come first
+    (9, 2, 4, 2),  # an act set of three batches held at once, the last a short micro-batch
+    (12, 1, 7, 1),  # an act set of 7 batches: 4 held at once, the other 3 get a statistics forward first
+    (5, 2, 2, 8),  # a short micro-batch after the act set's only whole one
 ])
 def test_fused_pass_equals_statistics_then_fisher(tiny, samples, micro_batch, act_samples, batch_size) -> None:
     """One forward per token gives the same statistics, Fisher sums and activation costs (on the act set) as a

@@ -39,6 +39,15 @@ def test_sensitivity_json_and_reuse(capsys, ray_local, cache_dir: Path, tmp_path
     assert read_table_info(tmp_path / "b.safetensors").key == first["key"]
     cached = cache_dir / "sensitivity" / f"{first['key']}.safetensors"
     assert list(cache_dir.glob("sensitivity/*.safetensors")) == [cached]
+    assert first["estimator"]["act_samples"] == 4 and first["estimator"]["act_batches"] == 4
+
+    code, out, _ = run_cli(capsys, *args, "--act-samples", "2", "--out", str(tmp_path / "c.safetensors"))
+    third = json.loads(out)  # another act set is another table: computed, with the act costs of the last 2 windows
+    assert code == 0 and third["cached"] is False and third["key"] != first["key"]
+    assert third["estimator"]["act_samples"] == 2 and third["estimator"]["act_batches"] == 2
+    assert third["estimator"]["batches"] == first["estimator"]["batches"] == 4
+    assert [la["weight_cost"]["w4"] for la in third["layers"]] == pytest.approx(
+        [la["weight_cost"]["w4"] for la in first["layers"]], rel=1e-4)  # the Fisher uses every window either way
 
 
 @pytest.mark.parametrize(

@@ -466,7 +466,7 @@ def _add_act_cost(
 
 # -- the whole pass in one process ------------------------------------------------------------------------
 def act_set_start(tokens: torch.Tensor, micro_batch: int = 1, act_samples: int | None = None) -> int:
-    """Index of the first sequence of the activation-cost set: the last `act_samples` sequences (default: one
+    """Index of the first sequence of the activation-cost set: the last `act_samples` sequences (default:
     ACT_TOKENS worth, at least one), widened to whole micro-batches; every sequence when there are fewer."""
     n = tokens.shape[0]
     want = act_samples or max(1, ACT_TOKENS // tokens.shape[1])

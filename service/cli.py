@@ -131,7 +131,7 @@ def sensitivity_command(
     micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Sequences per Fisher micro-batch.")] = 1,
     act_samples: Annotated[int | None, typer.Option(
         "--act-samples", min=1, help="Activation costs on the last N calibration windows (default: 4096 tokens "
-        "worth; windows beyond the first forward batch cost a statistics forward).")] = None,
+        "worth; windows beyond the first 4 forward batches cost a statistics forward).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if a cached table exists.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",

@@ -328,14 +328,12 @@ def fisher_sums(
             held.append(batch)
             if not deferred:
                 _backward(held.pop(), sums, params is not None)
+        if stats is not None:
+            stats.feeders.update(traced)  # before resolving: layer_act_params groups SmoothQuant's layers by norm
         if deferred:
-            if stats is not None:
-                stats.feeders.update(traced)  # layer_act_params groups SmoothQuant's layers by their norm
             state.resolve(params())
-        for batch in held:
+        for batch in held:  # the deferred batches (none otherwise)
             _backward(batch, sums, True)
-    if stats is not None:
-        stats.feeders.update(traced)
     return sums
 
 

@@ -26,13 +26,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# The project itself (a regular, not editable, install; the migrations ship inside the storage package).
+# The project itself (a regular, not editable, install; the migrations ship inside quantplan.storage).
 COPY README.md ./
-COPY quant ./quant
-COPY workers ./workers
-COPY search ./search
-COPY storage ./storage
-COPY service ./service
+COPY quantplan ./quantplan
 RUN pip install --no-deps /src && rm -rf /src
 
 # A non-root user. The data directories exist in the image with its ownership, so named volumes mounted on them

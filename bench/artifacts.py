@@ -11,16 +11,13 @@ The demo model is the one `quantplan demo` caches (built here if missing: a few 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant import artifact as art  # noqa: E402
-from quant.plan import Plan  # noqa: E402
-from workers.data import calibration_set  # noqa: E402
-from workers.models import load_model  # noqa: E402
+from quantplan.quant import artifact as art
+from quantplan.quant.plan import Plan
+from quantplan.workers.data import calibration_set
+from quantplan.workers.models import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORIES = DATA / "models" / "stories260K"
@@ -63,13 +60,13 @@ def main() -> None:
     args = parser.parse_args()
     print("| model | plan | cost bytes | packed bytes | header | size on disk | size / cost | manifest |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    from workers.llama2c import convert_llama2c
+    from quantplan.workers.llama2c import convert_llama2c
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = convert_llama2c(STORIES / "stories260K.bin", STORIES / "tok512.bin", Path(tmp) / "hf")
         rows_for("stories260K", hf, f"text:{STORIES / 'sampled_seed1.txt'}", 64)
     if not args.skip_demo:
-        from workers.demo import build_demo_model
+        from quantplan.workers.demo import build_demo_model
 
         demo = build_demo_model(progress=False)
         rows_for("demo", demo.path, demo.calib_spec, 128)

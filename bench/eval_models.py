@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant.plan import Plan  # noqa: E402
-from workers.data import calibration_set, eval_windows  # noqa: E402
-from workers.evaluate import evaluate  # noqa: E402
-from workers.models import load_model  # noqa: E402
-from workers.pipeline import evaluate_plan  # noqa: E402
+from quantplan.quant.plan import Plan
+from quantplan.workers.data import calibration_set, eval_windows
+from quantplan.workers.evaluate import evaluate
+from quantplan.workers.models import load_model
+from quantplan.workers.pipeline import evaluate_plan
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 STORIES = DATA / "models" / "stories260K"
@@ -50,7 +47,7 @@ def main() -> None:
     p.add_argument("--skip-demo", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from workers.llama2c import convert_llama2c
+    from quantplan.workers.llama2c import convert_llama2c
 
     hf = str(convert_llama2c(STORIES / "stories260K.bin", STORIES / "tok512.bin", Path(tempfile.mkdtemp()) / "s"))
     sampled = f"text:{STORIES / 'sampled_seed1.txt'}"
@@ -59,7 +56,7 @@ def main() -> None:
     rows_for(hf, sampled, sampled, 128, STORIES_SCHEMES)
     rows_for(hf, f"wikitext2:{DATA / 'wikitext2'}", sampled, 512, ("w8:a8-static", "w4g32:a16", "w4g32:a8-dynamic"))
     if not args.skip_demo:
-        from workers.demo import build_demo_model
+        from quantplan.workers.demo import build_demo_model
 
         demo = build_demo_model(progress=False)
         rows_for(str(demo.path), demo.data_spec, demo.calib_spec, 128, DEMO_SCHEMES)

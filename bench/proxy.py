@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant.apply import apply_plan, quantizable_modules  # noqa: E402
-from quant.modules import linear_weight  # noqa: E402
-from quant.plan import Plan  # noqa: E402
-from quant.schemes import WeightScheme  # noqa: E402
-from workers.data import calibration_set, eval_windows  # noqa: E402
-from workers.evaluate import evaluate  # noqa: E402
-from workers.models import load_model  # noqa: E402
-from workers.sensitivity import (  # noqa: E402
+from quantplan.quant.apply import apply_plan, quantizable_modules
+from quantplan.quant.modules import linear_weight
+from quantplan.quant.plan import Plan
+from quantplan.quant.schemes import WeightScheme
+from quantplan.workers.data import calibration_set, eval_windows
+from quantplan.workers.evaluate import evaluate
+from quantplan.workers.models import load_model
+from quantplan.workers.sensitivity import (
     ACT_SCHEMES,
     act_set_start,
     sensitivity_pass,
@@ -90,7 +87,7 @@ def main() -> None:
                    help="act set sizes to compare (windows; default one forward batch)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from workers.llama2c import convert_llama2c
+    from quantplan.workers.llama2c import convert_llama2c
 
     hf = str(convert_llama2c(STORIES / "stories260K.bin", STORIES / "tok512.bin", Path(tempfile.mkdtemp()) / "s"))
     print("| model | changes | n | Spearman vs KL | Spearman vs dNLL |\n| --- | --- | ---: | ---: | ---: |")
@@ -98,7 +95,7 @@ def main() -> None:
     sizes = {"samples": args.samples, "act_samples": tuple(args.act_samples)}
     proxy_report("stories260K", hf, calib, held_out, **sizes)
     if not args.skip_demo:
-        from workers.demo import build_demo_model
+        from quantplan.workers.demo import build_demo_model
 
         demo = build_demo_model(progress=False)
         proxy_report("demo", str(demo.path), demo.calib_spec, demo.data_spec, **sizes)

@@ -19,20 +19,17 @@ import argparse
 import copy
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant.apply import quantizable_modules  # noqa: E402
-from quant.modules import linear_weight  # noqa: E402
-from workers.data import calibration_set  # noqa: E402
-from workers.models import load_model  # noqa: E402
-from workers.sensitivity import (  # noqa: E402
+from quantplan.quant.apply import quantizable_modules
+from quantplan.quant.modules import linear_weight
+from quantplan.workers.data import calibration_set
+from quantplan.workers.models import load_model
+from quantplan.workers.sensitivity import (
     act_set_start,
     batch_sequences,
     collect_act_stats,
@@ -42,13 +39,13 @@ from workers.sensitivity import (  # noqa: E402
     sensitivity_pass,
     weight_costs,
 )
-from workers.tasks import compute_sensitivity, init_ray  # noqa: E402
+from quantplan.workers.tasks import compute_sensitivity, init_ray
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "stories260K"
 
 
 def stories260k() -> str:
-    from workers.llama2c import convert_llama2c
+    from quantplan.workers.llama2c import convert_llama2c
 
     out = Path(tempfile.mkdtemp()) / "stories260K"
     return str(convert_llama2c(SHARED / "stories260K.bin", SHARED / "tok512.bin", out))

@@ -79,7 +79,7 @@ def stories_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def stories_hf(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> Path:
     """stories260K converted once per test session to a Hugging Face Llama directory."""
-    from workers.llama2c import convert_llama2c
+    from quantplan.workers.llama2c import convert_llama2c
 
     out = tmp_path_factory.mktemp("stories260K") / "hf"
     return convert_llama2c(stories_dir / "stories260K.bin", stories_dir / "tok512.bin", out)
@@ -90,7 +90,7 @@ def ray_local():
     """One local Ray instance (2 CPUs) for the whole session; shut down at the end."""
     import ray
 
-    from workers.tasks import init_ray
+    from quantplan.workers.tasks import init_ray
 
     init_ray(None, num_cpus=2)
     yield ray

@@ -20,12 +20,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from quant.apply import apply_plan, layer_shapes, quantizable_modules
-from quant.errors import PlanError
-from quant.modules import FakeQuantLinear
-from quant.plan import Plan
-from quant.quantizers import fake_quantize_weight
-from quant.schemes import WeightScheme
+from quantplan.errors import PlanError
+from quantplan.quant.apply import apply_plan, layer_shapes, quantizable_modules
+from quantplan.quant.modules import FakeQuantLinear
+from quantplan.quant.plan import Plan
+from quantplan.quant.quantizers import fake_quantize_weight
+from quantplan.quant.schemes import WeightScheme
 
 VOCAB = 96
 

@@ -16,23 +16,23 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import quant
-from quant import artifact as art
-from quant.apply import apply_plan
-from quant.errors import ArtifactError, PlanError
-from quant.fingerprint import model_fingerprint
-from quant.packing import PackingError, pack_weight, packed_shapes
-from quant.plan import Plan
-from quant.qlinear import QuantLinear
-from quant.quantizers import quantize_weight
-from quant.schemes import WeightScheme
+import quantplan.quant as quant
+from quantplan.errors import ArtifactError, PlanError
+from quantplan.quant import artifact as art
+from quantplan.quant.apply import apply_plan
+from quantplan.quant.fingerprint import model_fingerprint
+from quantplan.quant.packing import PackingError, pack_weight, packed_shapes
+from quantplan.quant.plan import Plan
+from quantplan.quant.qlinear import QuantLinear
+from quantplan.quant.quantizers import quantize_weight
+from quantplan.quant.schemes import WeightScheme
+from quantplan.workers.artifacts import evaluate_artifact, materialize_plan
+from quantplan.workers.data import calibration_set, eval_windows
+from quantplan.workers.demo import build_demo_model
+from quantplan.workers.evaluate import evaluate
+from quantplan.workers.models import load_model
 from tests.quant.test_apply import ARCHS, VOCAB
 from tests.quant.test_apply import _model as tiny_model
-from workers.artifacts import evaluate_artifact, materialize_plan
-from workers.data import calibration_set, eval_windows
-from workers.demo import build_demo_model
-from workers.evaluate import evaluate
-from workers.models import load_model
 
 PPL_TOL = 0.005  # acceptance 1: the artifact's perplexity within 0.5% of the simulation
 SIZE_TOL = 0.02  # ... and its size on disk (plan.json + quantized.safetensors) within 2% of the plan's cost model

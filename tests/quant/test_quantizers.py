@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant.quantizers import (
+from quantplan.quant.quantizers import (
     dequantize_weight,
     fake_quantize_act,
     fake_quantize_weight,
@@ -17,7 +17,7 @@ from quant.quantizers import (
     sqnr_db,
     weight_error,
 )
-from quant.schemes import ActScheme, WeightScheme
+from quantplan.quant.schemes import ActScheme, WeightScheme
 
 SCHEMES = ["w2g32", "w3g64", "w4g128", "w4g32a", "w4", "w8", "w8g64a", "w3a"]
 

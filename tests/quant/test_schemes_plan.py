@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from quant.errors import PlanError, QuantPlanError, SchemeError
-from quant.plan import Plan, weight_cost
-from quant.schemes import ActScheme, LayerScheme, WeightScheme
+from quantplan.errors import PlanError, QuantPlanError, SchemeError
+from quantplan.quant.plan import Plan, weight_cost
+from quantplan.quant.schemes import ActScheme, LayerScheme, WeightScheme
 
 
 @pytest.mark.parametrize("text", ["w4g128", "w3g64", "w4", "w8", "w16", "w4g128a", "w2g32", "w8a", "w4g32a"])

@@ -46,9 +46,9 @@ def stories_split(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -
 
 @pytest.fixture(scope="session")
 def stories_search(tmp_path_factory, stories_hf: Path, stories_split, ray_local) -> StoriesSearch:
-    from workers.data import calibration_set, eval_windows
-    from workers.models import load_model
-    from workers.pipeline import sensitivity_table
+    from quantplan.workers.data import calibration_set, eval_windows
+    from quantplan.workers.models import load_model
+    from quantplan.workers.pipeline import sensitivity_table
 
     calib_spec, heldout_spec = (f"text:{p}" for p in stories_split)
     net, tokenizer = load_model(str(stories_hf))

@@ -8,10 +8,10 @@ import random
 import numpy as np
 from hypothesis import strategies as st
 
-from quant.costs import TableInfo
-from search.problem import Problem
-from search.space import ACTS, DYNAMIC
-from search.synthetic import synthetic_layer
+from quantplan.quant.costs import TableInfo
+from quantplan.search.problem import Problem
+from quantplan.search.space import ACTS, DYNAMIC
+from quantplan.search.synthetic import synthetic_layer
 
 K_CHOICES = (32, 64, 96, 128, 160)
 N_CHOICES = (8, 16, 24)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quant.plan import Plan
-from search.synthetic import synthetic_table, write_table_file
+from quantplan.quant.plan import Plan
+from quantplan.search.synthetic import synthetic_table, write_table_file
 from tests.service.test_cli import run_cli
 
 

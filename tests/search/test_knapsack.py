@@ -7,12 +7,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from quant.costs import TableInfo
-from search import knapsack, lagrange
-from search.budget import MB, Budget, BudgetError
-from search.problem import Problem, compile_problem
-from search.space import SearchSpace
-from search.synthetic import LLAMA_7B, llama_block, synthetic_table
+from quantplan.quant.costs import TableInfo
+from quantplan.search import knapsack, lagrange
+from quantplan.search.budget import MB, Budget, BudgetError
+from quantplan.search.problem import Problem, compile_problem
+from quantplan.search.space import SearchSpace
+from quantplan.search.synthetic import LLAMA_7B, llama_block, synthetic_table
 from tests.search.tables import brute_force, small_tables
 
 SMALL_WEIGHTS = ("w4", "w4g32", "w8")  # few options per layer keep brute force cheap

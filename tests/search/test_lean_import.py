@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-MODULES = ("search", "search.space", "search.budget", "search.problem", "search.knapsack", "search.lagrange",
-           "search.recipes", "search.trials", "search.study", "search.synthetic", "search.variants", "search.refine",
-           "service.search_cmd")
+MODULES = ("quantplan", "quantplan.search", *(f"quantplan.search.{m}" for m in (
+    "space", "budget", "problem", "knapsack", "lagrange", "recipes", "trials", "study", "synthetic", "variants",
+    "refine")), "quantplan.service.search_cmd")
 
 
 def test_search_does_not_import_torch() -> None:

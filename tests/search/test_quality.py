@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from quant.apply import layer_shapes
-from quant.plan import Plan
-from search.budget import Budget
-from search.space import SearchSpace
-from search.study import StudySettings
-from service.search_cmd import SearchInputs, run_pipeline
-from workers.data import eval_windows
-from workers.models import load_model
-from workers.pipeline import evaluate_plan
-from workers.tasks import evaluate_plans
+from quantplan.quant.apply import layer_shapes
+from quantplan.quant.plan import Plan
+from quantplan.search.budget import Budget
+from quantplan.search.space import SearchSpace
+from quantplan.search.study import StudySettings
+from quantplan.service.search_cmd import SearchInputs, run_pipeline
+from quantplan.workers.data import eval_windows
+from quantplan.workers.models import load_model
+from quantplan.workers.pipeline import evaluate_plan
+from quantplan.workers.tasks import evaluate_plans
 
 
 @pytest.fixture(scope="module")

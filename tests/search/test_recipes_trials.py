@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quant.costs import LayerSensitivity, TableInfo
-from search import recipes
-from search.budget import Budget, BudgetError
-from search.problem import compile_problem
-from search.space import ACTS, SearchSpace
-from search.synthetic import llama_block, synthetic_table
-from search.trials import SPACES
+from quantplan.quant.costs import LayerSensitivity, TableInfo
+from quantplan.search import recipes
+from quantplan.search.budget import Budget, BudgetError
+from quantplan.search.problem import compile_problem
+from quantplan.search.space import ACTS, SearchSpace
+from quantplan.search.synthetic import llama_block, synthetic_table
+from quantplan.search.trials import SPACES
 from tests.search.tables import small_tables
 
 STORIES_BLOCK = llama_block(64, 172, 32)

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quant.costs import TableInfo
-from quant.schemes import PER_CHANNEL
-from search import knapsack
-from search.budget import Budget, BudgetError
-from search.problem import compile_problem
-from search.refine import _quantizer, choice_of, neighbors, refine
-from search.space import ACTS, SearchSpace
-from search.synthetic import llama_block, synthetic_table
+from quantplan.quant.costs import TableInfo
+from quantplan.quant.schemes import PER_CHANNEL
+from quantplan.search import knapsack
+from quantplan.search.budget import Budget, BudgetError
+from quantplan.search.problem import compile_problem
+from quantplan.search.refine import _quantizer, choice_of, neighbors, refine
+from quantplan.search.space import ACTS, SearchSpace
+from quantplan.search.synthetic import llama_block, synthetic_table
 from tests.search.tables import small_tables
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

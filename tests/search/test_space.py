@@ -7,14 +7,14 @@ import re
 import numpy as np
 import pytest
 
-from quant.costs import LayerSensitivity, TableError, TableInfo
-from quant.errors import QuantPlanError, SchemeError
-from quant.plan import weight_cost
-from quant.schemes import WeightScheme
-from search.budget import Budget, BudgetError
-from search.problem import compile_problem
-from search.space import ACTS, SearchError, SearchSpace, layer_type
-from search.synthetic import llama_block, synthetic_table
+from quantplan.errors import QuantPlanError, SchemeError
+from quantplan.quant.costs import LayerSensitivity, TableError, TableInfo
+from quantplan.quant.plan import weight_cost
+from quantplan.quant.schemes import WeightScheme
+from quantplan.search.budget import Budget, BudgetError
+from quantplan.search.problem import compile_problem
+from quantplan.search.space import ACTS, SearchError, SearchSpace, layer_type
+from quantplan.search.synthetic import llama_block, synthetic_table
 
 STORIES_BLOCK = llama_block(64, 172, 32)  # stories260K: K = 64 except down_proj (K = 172)
 

@@ -15,20 +15,20 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.budget import Budget
-from search.problem import compile_problem
-from search.recipes import RECIPES
-from search.space import SearchError, SearchSpace
-from search.study import DB_ENV, KNAPSACK, StudySettings, database_url, run_search
-from search.synthetic import llama_block, synthetic_table
+from quantplan.search.budget import Budget
+from quantplan.search.problem import compile_problem
+from quantplan.search.recipes import RECIPES
+from quantplan.search.space import SearchError, SearchSpace
+from quantplan.search.study import DB_ENV, KNAPSACK, StudySettings, database_url, run_search
+from quantplan.search.synthetic import llama_block, synthetic_table
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCES = {KNAPSACK, *RECIPES}
 SETUP = """
-from search.budget import Budget
-from search.problem import compile_problem
-from search.space import SearchSpace
-from search.synthetic import llama_block, synthetic_table
+from quantplan.search.budget import Budget
+from quantplan.search.problem import compile_problem
+from quantplan.search.space import SearchSpace
+from quantplan.search.synthetic import llama_block, synthetic_table
 problem = compile_problem(synthetic_table(4, llama_block(64, 172, 32)), SearchSpace(act_bits=8), Budget(avg_bits=4.5))
 """
 
@@ -72,7 +72,7 @@ def test_killed_search_resumes(tmp_path: Path, problem) -> None:
     """SIGKILL a running search; the rerun continues the stored study; references stay unique."""
     url = f"sqlite:///{tmp_path / 'kill.db'}"
     script = SETUP + textwrap.dedent(f"""
-        from search.study import StudySettings, run_search
+        from quantplan.search.study import StudySettings, run_search
         run_search(problem, StudySettings(trials=100_000, storage={url!r}, name="k"))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

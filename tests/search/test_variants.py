@@ -9,13 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quant.costs import TableInfo
-from quant.schemes import LayerScheme
-from search import knapsack, variants
-from search.budget import Budget, BudgetError
-from search.problem import compile_problem
-from search.space import ACTS, SearchSpace
-from search.synthetic import llama_block, synthetic_table
+from quantplan.quant.costs import TableInfo
+from quantplan.quant.schemes import LayerScheme
+from quantplan.search import knapsack, variants
+from quantplan.search.budget import Budget, BudgetError
+from quantplan.search.problem import compile_problem
+from quantplan.search.space import ACTS, SearchSpace
+from quantplan.search.synthetic import llama_block, synthetic_table
 from tests.search.tables import brute_force, small_tables
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

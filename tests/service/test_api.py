@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from service.api import create_app
-from service.client import Client, ClientError
-from storage import Repository, load_settings
+from quantplan.service.api import create_app
+from quantplan.service.client import Client, ClientError
+from quantplan.storage import Repository, load_settings
 from tests.service.test_cli import run_cli, wait_for
 
 TOKEN = "test-token-0123456789"
@@ -187,9 +187,9 @@ def test_end_to_end_submit_poll_leaderboard_download_apply(capsys, tmp_path, sto
     env = {**os.environ, "QUANTPLAN_DATABASE_URL": f"sqlite:///{tmp_path / 'server.db'}",
            "QUANTPLAN_ARTIFACTS": str(tmp_path / "artifacts"), "QUANTPLAN_CACHE_DIR": str(tmp_path / "cache"),
            "QUANTPLAN_API_TOKENS": f"e2e={TOKEN}", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--runners", "1",
-                             "--heartbeat", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "quantplan.service.cli", "serve", "--port", str(port),
+                             "--runners", "1", "--heartbeat", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
         assert wait_for(lambda: _healthy(server) or proc.poll() is not None, timeout=120)
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]

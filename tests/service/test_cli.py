@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from quant.plan import Plan
-from service.cli import main
+from quantplan.quant.plan import Plan
+from quantplan.service.cli import main
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -116,7 +116,8 @@ def test_bad_input_is_one_line_error(capsys, tmp_path, stories_hf: Path, stories
 def test_console_script_prints_no_traceback(tmp_path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "eval", "--model", str(tmp_path / "missing"), "--data", "text:x.txt"],
+        [sys.executable, "-m", "quantplan.service.cli", "eval", "--model", str(tmp_path / "missing"),
+         "--data", "text:x.txt"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert proc.returncode == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.plan import Plan
+from quantplan.quant.plan import Plan
 from tests.service.test_cli import run_cli
 
 EVAL = ("--seq-len", "128", "--samples", "8")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quant.costs import read_table_info
+from quantplan.quant.costs import read_table_info
 from tests.service.test_cli import run_cli
 
 

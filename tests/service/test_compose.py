@@ -20,7 +20,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from storage.settings import StorageSettings
+from quantplan.storage.settings import StorageSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -433,7 +433,7 @@ def test_compose_checks_catch(mutation: str) -> None:
 @pytest.mark.parametrize(("old", "new", "message"), [
     ("https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cu128", "CPU wheel index"),
     ('"torch==${TORCH_VERSION}"', "torch", "installs a pinned torch"),
-    ('CMD ["quantplan", "serve"', 'CMD ["uvicorn", "service.api:app"', "does not run `quantplan serve`"),
+    ('CMD ["quantplan", "serve"', 'CMD ["uvicorn", "quantplan.service.api:app"', "does not run `quantplan serve`"),
     ("USER quantplan", "USER root", "runs as root"),
     ("QUANTPLAN_CACHE_DIR=/data/cache", "QUANTPLAN_CACHE=/data/cache", "unknown setting QUANTPLAN_CACHE "),
     ("COPY search ./search\n", "", "package search"),

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from service.jobs import JobSpec, SpecError
-from service.runner import Runner, RunnerConfig
-from storage import Repository, open_store
-from storage.models import ArtifactRow, MetricRow, PlanRow, SensitivityTableRow
+from quantplan.service.jobs import JobSpec, SpecError
+from quantplan.service.runner import Runner, RunnerConfig
+from quantplan.storage import Repository, open_store
+from quantplan.storage.models import ArtifactRow, MetricRow, PlanRow, SensitivityTableRow
 from tests.service.test_cli import run_cli, wait_for
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,8 @@ def test_killed_runner_job_is_resumed_without_recomputing(env, ray_local, monkey
             "seq_len": 64, "eval_samples": 8, "eval_top": 1}
     job = repo.create_job(spec)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "runner", "--heartbeat", "0.5", "--poll", "0.2", "--max-jobs", "1"],
+        [sys.executable, "-m", "quantplan.service.cli", "runner", "--heartbeat", "0.5", "--poll", "0.2",
+         "--max-jobs", "1"],
         env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True,
     )
@@ -160,7 +161,7 @@ def test_killed_runner_job_is_resumed_without_recomputing(env, ray_local, monkey
     def no_recompute(*args, **kwargs):
         raise AssertionError("the restarted runner recomputed the sensitivity table")
 
-    monkeypatch.setattr("workers.tasks.compute_sensitivity", no_recompute)
+    monkeypatch.setattr("quantplan.workers.tasks.compute_sensitivity", no_recompute)
     # the restarted runner is "another machine": an empty local cache, so the table comes from the store
     monkeypatch.setenv("QUANTPLAN_CACHE_DIR", str(Path(env["root"]) / "cache-of-another-runner"))
     runner = Runner(repo, store, config=RunnerConfig(heartbeat_interval=0.5, stale_after=2.0))
@@ -194,8 +195,9 @@ def test_cancel_of_a_running_job_is_honoured_at_the_next_stage(tmp_path, monkeyp
         repo.cancel_job(self.job.id)  # a user cancels while the model loads
         return None
 
-    monkeypatch.setattr("service.runner.JobRun._load", load_then_get_cancelled)
-    monkeypatch.setattr("service.runner.JobRun._sensitivity", lambda self, loaded: pytest.fail("not cancelled"))
+    monkeypatch.setattr("quantplan.service.runner.JobRun._load", load_then_get_cancelled)
+    monkeypatch.setattr("quantplan.service.runner.JobRun._sensitivity",
+                        lambda self, loaded: pytest.fail("not cancelled"))
     done = runner.run_job(job.id)
     assert (done.status, done.stage, done.finished_at is not None) == ("cancelled", "load", True)
 
@@ -208,7 +210,7 @@ def test_a_crashing_job_is_retried_then_failed(tmp_path, monkeypatch) -> None:
     def crash(self):
         raise RuntimeError("worker node lost")
 
-    monkeypatch.setattr("service.runner.JobRun._load", crash)
+    monkeypatch.setattr("quantplan.service.runner.JobRun._load", crash)
     first = runner.run_once()
     assert first.id == job.id
     assert (first.status, first.attempts, first.stage, first.error) == ("queued", 1, "load",

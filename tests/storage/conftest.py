@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from storage import Repository
-from storage.models import Base
+from quantplan.storage import Repository
+from quantplan.storage.models import Base
 
 BACKENDS = ["sqlite", "postgresql"]
 

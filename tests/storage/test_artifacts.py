@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import ArtifactStoreError, LocalArtifactStore, NotFoundError, open_store
-from storage.artifacts import ArtifactStore
+from quantplan.storage import ArtifactStoreError, LocalArtifactStore, NotFoundError, open_store
+from quantplan.storage.artifacts import ArtifactStore
 
 
 @pytest.fixture(params=["local", "memory"])

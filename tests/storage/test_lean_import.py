@@ -1,4 +1,4 @@
-"""`storage` never imports torch (checked in a fresh interpreter, migrations included)."""
+"""`quantplan.storage` never imports torch (checked in a fresh interpreter, migrations included)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from pathlib import Path
 
 CODE = """
 import sys
-import storage, storage.repository, storage.artifacts, storage.migrate, storage.settings
-repo = storage.Repository("sqlite:///{db}")  # runs the migrations, so env.py and versions/ load too
+import quantplan.storage
+from quantplan.storage import artifacts, migrate, repository, settings
+repo = quantplan.storage.Repository("sqlite:///{db}")  # runs the migrations, so env.py and versions/ load too
 repo.close()
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
 """

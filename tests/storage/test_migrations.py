@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from storage import migrate
-from storage.db import Database
-from storage.models import Base
+from quantplan.storage import migrate
+from quantplan.storage.db import Database
+from quantplan.storage.models import Base
 
 from .conftest import BACKENDS
 

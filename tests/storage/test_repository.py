@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-import storage.repository as repository
-from quant.errors import QuantPlanError
-from storage import (
+import quantplan.storage.repository as repository
+from quantplan.errors import QuantPlanError
+from quantplan.storage import (
     InvalidRecordError,
     JobStateError,
     NewPlan,
@@ -18,7 +18,7 @@ from storage import (
     Repository,
     StorageError,
 )
-from storage.models import Job, MetricRow, Model, PlanRow, utcnow
+from quantplan.storage.models import Job, MetricRow, Model, PlanRow, utcnow
 
 
 def _count(repo: Repository, table: type) -> int:

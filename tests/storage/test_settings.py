@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import SettingsError, load_settings
-from storage.db import make_engine
+from quantplan.storage import SettingsError, load_settings
+from quantplan.storage.db import make_engine
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""workers.data: DataSpec parsing, the text protocol, eval windows and calibration sets."""
+"""quantplan.workers.data: DataSpec parsing, the text protocol, eval windows and calibration sets."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import workers.data as data_mod
-from quant.errors import DataError, QuantPlanError
-from tests.workers.test_models import make_tokenizer
-from workers.data import (
+import quantplan.workers.data as data_mod
+from quantplan.errors import DataError, QuantPlanError
+from quantplan.workers.data import (
     CalibrationSet,
     DataSpec,
     calibration_set,
@@ -23,6 +22,7 @@ from workers.data import (
     resolve_split,
     token_ids,
 )
+from tests.workers.test_models import make_tokenizer
 
 STORY_FILES = ("tinystories_train0.txt", "tinystories_validation0.txt")
 
@@ -161,7 +161,7 @@ def test_wikitext_dir_train_falls_back_to_validation(
     assert not (wikitext_dir / "wiki.train.raw").exists()
     monkeypatch.setattr(data_mod, "_warned", set())
     spec = DataSpec.parse(f"wikitext2:{wikitext_dir}")
-    with caplog.at_level(logging.WARNING, logger="workers.data"):
+    with caplog.at_level(logging.WARNING, logger="quantplan.workers.data"):
         train = load_text(spec, "train")
     assert train == load_text(spec, "validation")
     assert "no wiki.train.raw" in caplog.text and "wiki.valid.raw" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers import demo
+from quantplan.workers import demo
 
 STEPS = 30
 

@@ -1,4 +1,4 @@
-"""workers.evaluate: perplexity and KL against manual float64 computations on a tiny random Llama."""
+"""quantplan.workers.evaluate: perplexity and KL against manual float64 computations on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quantplan.workers.data import DataSpec, eval_windows, load_text
+from quantplan.workers.evaluate import EvalResult, evaluate
+from quantplan.workers.models import load_model
 from tests.workers.test_models import save_tiny_llama
-from workers.data import DataSpec, eval_windows, load_text
-from workers.evaluate import EvalResult, evaluate
-from workers.models import load_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -216,7 +216,6 @@ def test_bad_batch_size(tiny, windows: torch.Tensor) -> None:
 
 def test_stories260k(request: pytest.FixtureRequest, stories_dir: Path) -> None:
     """The converted stories260K model on its own in-domain samples: a low perplexity (once llama2c exists)."""
-    pytest.importorskip("workers.llama2c", reason="workers/llama2c.py (the stories260K converter) not written yet")
     hf_dir = request.getfixturevalue("stories_hf")
     model, tokenizer = load_model(str(hf_dir))
     windows = eval_windows(f"text:{stories_dir / 'sampled_seed1.txt'}", tokenizer, seq_len=256, max_windows=8)

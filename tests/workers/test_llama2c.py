@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from quant.errors import ModelLoadError, QuantPlanError
-from workers import llama2c
-from workers.llama2c import convert_llama2c
+from quantplan.errors import ModelLoadError, QuantPlanError
+from quantplan.workers import llama2c
+from quantplan.workers.llama2c import convert_llama2c
 
 STORY_FILES = ("tinystories_train0.txt", "tinystories_validation0.txt")
 

@@ -1,4 +1,4 @@
-"""workers.models: load_model on a tiny local Llama, its errors, model_identity.
+"""quantplan.workers.models: load_model on a tiny local Llama, its errors, model_identity.
 
 `make_tokenizer` and `save_tiny_llama` are also used by test_data.py and test_evaluate.py.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.errors import ModelLoadError, QuantPlanError
-from workers.models import _commit_from_path, _looks_like_path, load_model, model_identity, resolve_dtype
+from quantplan.errors import ModelLoadError, QuantPlanError
+from quantplan.workers.models import _commit_from_path, _looks_like_path, load_model, model_identity, resolve_dtype
 
 CORPUS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",

@@ -8,15 +8,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quant.apply import apply_plan, quantizable_modules
-from quant.modules import linear_weight
-from quant.plan import Plan
-from quant.quantizers import fake_quantize_weight
-from quant.schemes import ActScheme, WeightScheme
-from workers.data import calibration_set, eval_windows
-from workers.evaluate import evaluate
-from workers.models import load_model
-from workers.sensitivity import (
+from quantplan.quant.apply import apply_plan, quantizable_modules
+from quantplan.quant.modules import linear_weight
+from quantplan.quant.plan import Plan
+from quantplan.quant.quantizers import fake_quantize_weight
+from quantplan.quant.schemes import ActScheme, WeightScheme
+from quantplan.workers.data import calibration_set, eval_windows
+from quantplan.workers.evaluate import evaluate
+from quantplan.workers.models import load_model
+from quantplan.workers.sensitivity import (
     ACT_SCHEMES,
     HIST_EDGES,
     ActStats,
@@ -63,7 +63,7 @@ def test_fisher_is_mean_of_token_scaled_squared_microbatch_gradients(tiny, token
 
 def test_fisher_is_the_same_with_one_product_per_microbatch(tiny, tokens, monkeypatch) -> None:
     """Small layers get their per-micro-batch gradients from one bmm, large ones from a loop: same sums."""
-    import workers.sensitivity as sensitivity
+    import quantplan.workers.sensitivity as sensitivity
 
     params = layer_act_params(tiny, collect_act_stats(tiny, tokens))
     batched = fisher_sums(copy.deepcopy(tiny), tokens, params, micro_batch=1)
@@ -75,7 +75,7 @@ def test_fisher_is_the_same_with_one_product_per_microbatch(tiny, tokens, monkey
 
 def test_statistics_through_the_trunk_equal_the_full_model(tiny, tokens) -> None:
     """The statistics pass skips the LM head; every layer input, hence every statistic, is unchanged."""
-    from workers.sensitivity import _observe
+    from quantplan.workers.sensitivity import _observe
 
     stats = collect_act_stats(tiny, tokens)  # one batch, as below
     expected = ActStats()
@@ -186,7 +186,7 @@ def test_schemes_with_group_larger_than_k_are_left_out() -> None:
 
 
 def test_percentile_from_histogram() -> None:
-    from workers.sensitivity import _observe
+    from quantplan.workers.sensitivity import _observe
 
     x = torch.randn(2000, 32).abs() * 3
     stats = ActStats()

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quant.errors import QuantPlanError
-from workers.data import calibration_set
-from workers.models import load_model
-from workers.tasks import RayError, compute_sensitivity, init_ray
+from quantplan.errors import QuantPlanError
+from quantplan.workers.data import calibration_set
+from quantplan.workers.models import load_model
+from quantplan.workers.tasks import RayError, compute_sensitivity, init_ray
 
 
 def _tiny_llama() -> LlamaForCausalLM:

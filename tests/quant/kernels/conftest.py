@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from quant.kernels.runtime import HAS_TRITON  # noqa: E402 - after the environment is set
+from quantplan.quant.kernels.runtime import HAS_TRITON  # noqa: E402 - after the environment is set
 
 BACKENDS = ("triton", "torch")
 

@@ -6,9 +6,9 @@ import zlib
 
 import torch
 
-from quant.packing import PackedWeight, pack_weight
-from quant.quantizers import QuantizedWeight, dequantize_weight, quantize_weight
-from quant.schemes import WeightScheme
+from quantplan.quant.packing import PackedWeight, pack_weight
+from quantplan.quant.quantizers import QuantizedWeight, dequantize_weight, quantize_weight
+from quantplan.quant.schemes import WeightScheme
 
 TOL = 1e-5  # relative error allowed against float64: the integer accumulation is exact
 FP16_TOL = 2.0**-10  # one fp16 rounding of the result (plus the fp32 accumulation)

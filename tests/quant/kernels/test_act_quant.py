@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.kernels.act_quant import CONFIGS, prune, quantize_act_ref, quantize_act_triton
-from quant.kernels.runtime import KernelInputError
-from quant.quantizers import act_scale_per_token, quantize_act_int8
+from quantplan.quant.kernels.act_quant import CONFIGS, prune, quantize_act_ref, quantize_act_triton
+from quantplan.quant.kernels.runtime import KernelInputError
+from quantplan.quant.quantizers import act_scale_per_token, quantize_act_int8
 from tests.quant.kernels.reference import poisoned, seeded
 
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from quant.kernels import runtime, w4a8
-from quant.kernels.act_quant import quantize_act_ref
-from quant.kernels.dispatch import quantized_linear, select_kernel
-from quant.kernels.runtime import (
+from quantplan.quant.kernels import runtime, w4a8
+from quantplan.quant.kernels.act_quant import quantize_act_ref
+from quantplan.quant.kernels.dispatch import quantized_linear, select_kernel
+from quantplan.quant.kernels.runtime import (
     BackendUnavailableError,
     KernelInputError,
     UnsupportedSchemeError,
     resolve_backend,
 )
-from quant.packing import PackedWeight
-from quant.schemes import ActScheme, LayerScheme
+from quantplan.quant.packing import PackedWeight
+from quantplan.quant.schemes import ActScheme, LayerScheme
 from tests.quant.kernels.reference import TOL, make_weight, ref_a8, rel_err, seeded
 
 REPO = Path(__file__).resolve().parents[3]
@@ -137,10 +137,10 @@ def test_interpreter_works_when_triton_was_imported_compiled() -> None:
         from triton.runtime.interpreter import InterpretedFunction
         assert not isinstance(tl.zeros, InterpretedFunction), "Triton was imported in interpreter mode"
         import torch
-        from quant.kernels.dispatch import quantized_linear
-        from quant.packing import pack_weight
-        from quant.quantizers import quantize_weight
-        from quant.schemes import ActScheme, WeightScheme
+        from quantplan.quant.kernels.dispatch import quantized_linear
+        from quantplan.quant.packing import pack_weight
+        from quantplan.quant.quantizers import quantize_weight
+        from quantplan.quant.schemes import ActScheme, WeightScheme
         x = torch.randn(3, 80)
         for scheme, act in [("w4g32a", ActScheme.DYNAMIC), ("w8", ActScheme.STATIC), ("w4g64", ActScheme.A16)]:
             pw = pack_weight(quantize_weight(torch.randn(40, 80), WeightScheme.parse(scheme)))
@@ -164,10 +164,10 @@ def test_torch_path_runs_without_triton() -> None:
         import sys
         sys.modules["triton"] = sys.modules["triton.language"] = None  # as if it were not installed
         import torch
-        from quant.kernels.runtime import HAS_TRITON, BackendUnavailableError
-        from quant.plan import LayerSpec
-        from quant.qlinear import QuantLinear
-        from quant.schemes import LayerScheme
+        from quantplan.quant.kernels.runtime import HAS_TRITON, BackendUnavailableError
+        from quantplan.quant.plan import LayerSpec
+        from quantplan.quant.qlinear import QuantLinear
+        from quantplan.quant.schemes import LayerScheme
         assert not HAS_TRITON
         spec = LayerSpec(LayerScheme.parse("w4g32:a8-dynamic"))
         assert QuantLinear.from_float(torch.randn(16, 64), None, spec)(torch.randn(2, 64)).shape == (2, 16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.packing import (
+from quantplan.quant.packing import (
     FORMAT_VERSION,
     PackedWeight,
     PackingError,
@@ -16,9 +16,9 @@ from quant.packing import (
     unpack_weight,
     unpack_zeros,
 )
-from quant.plan import weight_cost
-from quant.quantizers import QuantizedWeight, dequantize_weight, quantize_weight
-from quant.schemes import WeightScheme
+from quantplan.quant.plan import weight_cost
+from quantplan.quant.quantizers import QuantizedWeight, dequantize_weight, quantize_weight
+from quantplan.quant.schemes import WeightScheme
 from tests.quant.kernels.reference import seeded
 
 SCHEMES = ["w2g32", "w2g64a", "w2", "w4g32", "w4g64a", "w4g128", "w4", "w4a", "w8g128", "w8g32a", "w8", "w8a"]

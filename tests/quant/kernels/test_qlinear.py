@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.kernels.runtime import KernelInputError, UnsupportedSchemeError
-from quant.modules import FakeQuantLinear
-from quant.plan import LayerSpec
-from quant.qlinear import QuantLinear
-from quant.quantizers import static_scale_from_absmax
-from quant.schemes import LayerScheme
+from quantplan.quant.kernels.runtime import KernelInputError, UnsupportedSchemeError
+from quantplan.quant.modules import FakeQuantLinear
+from quantplan.quant.plan import LayerSpec
+from quantplan.quant.qlinear import QuantLinear
+from quantplan.quant.quantizers import static_scale_from_absmax
+from quantplan.quant.schemes import LayerScheme
 from tests.quant.kernels.reference import TOL, rel_err, seeded
 
 N, K = 40, 200

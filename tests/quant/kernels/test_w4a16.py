@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.kernels.w4a16 import CONFIGS, KEYS, _w4a16_kernel, prepare, prune, w4a16_ref, w4a16_triton
+from quantplan.quant.kernels.w4a16 import CONFIGS, KEYS, _w4a16_kernel, prepare, prune, w4a16_ref, w4a16_triton
 from tests.quant.kernels.reference import FP16_TOL, TOL, make_weight, poisoned, ref_a16, rel_err, seeded
 
 N, K = 72, 200

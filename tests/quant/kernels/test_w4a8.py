@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.kernels.act_quant import quantize_act_ref
-from quant.kernels.runtime import UnsupportedSchemeError
-from quant.kernels.w4a8 import CONFIGS, KEYS, _w4a8_kernel, prepare, prune, w4a8_ref, w4a8_triton
+from quantplan.quant.kernels.act_quant import quantize_act_ref
+from quantplan.quant.kernels.runtime import UnsupportedSchemeError
+from quantplan.quant.kernels.w4a8 import CONFIGS, KEYS, _w4a8_kernel, prepare, prune, w4a8_ref, w4a8_triton
 from tests.quant.kernels.reference import FP16_TOL, TOL, make_weight, poisoned, ref_a8, rel_err, seeded
 
 N, K = 72, 200  # N spans a partial BLOCK_N tile; K is no multiple of any group, so the last group is padded
@@ -114,8 +114,8 @@ def test_asymmetric_8bit_is_refused(backend: str) -> None:
 def test_autotuner_keys_and_pruner() -> None:
     """The autotuned launch CUDA runs, with a stand-in timer: it times exactly the pruned configs, once per key."""
     pytest.importorskip("triton")
-    from quant.kernels import w4a8
-    from quant.kernels.runtime import autotuned, interpreted
+    from quantplan.quant.kernels import w4a8
+    from quantplan.quant.kernels.runtime import autotuned, interpreted
 
     timed: list[int] = []
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.kernels.act_quant import quantize_act_ref
-from quant.kernels.runtime import UnsupportedSchemeError
-from quant.kernels.w8a8 import CONFIGS, KEYS, _w8a8_kernel, prune, w8a8_ref, w8a8_triton
+from quantplan.quant.kernels.act_quant import quantize_act_ref
+from quantplan.quant.kernels.runtime import UnsupportedSchemeError
+from quantplan.quant.kernels.w8a8 import CONFIGS, KEYS, _w8a8_kernel, prune, w8a8_ref, w8a8_triton
 from tests.quant.kernels.reference import FP16_TOL, TOL, make_weight, poisoned, ref_a8, rel_err, seeded
 
 N, K = 72, 203  # K pads to 204 (whole 32-bit words); neither is a multiple of a K tile

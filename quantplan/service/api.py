@@ -1,0 +1,350 @@
+"""The HTTP API (FastAPI), versioned under /v1: submit and follow search jobs, query the leaderboard, download plans.
+
+    POST /v1/jobs                  202, the job (optional `Idempotency-Key` header: a retried submission is safe)
+    GET  /v1/jobs                  jobs, newest last (`status`, `limit`)
+    GET  /v1/jobs/{id}             status, stage, progress, error
+    GET  /v1/jobs/{id}/plans       the plans a job stored, with metrics
+    POST /v1/jobs/{id}/cancel      cancel a queued job now, a running one at its next stage
+    GET  /v1/leaderboard           plans of a model: filtered, sorted, paged
+    GET  /v1/plans/{id}            a plan with its metrics and artifacts
+    GET  /v1/plans/{id}/plan.json  the plan file
+    GET  /v1/plans/{id}/artifact   the materialized artifact (tar), streamed; its sha256 in `X-Content-SHA256`
+    GET  /healthz                  database and Ray reachable (200) or not (503)
+
+Writes need `Authorization: Bearer <token>` with a token from the settings (`QUANTPLAN_API_TOKENS`); reads too
+when `QUANTPLAN_AUTH_READS` is set. Errors are JSON `{"detail": "..."}`: 401 no/bad token, 404 unknown id,
+409 conflicting idempotency key, 413 body over `QUANTPLAN_MAX_REQUEST_BYTES`, 422 invalid input, 503 database
+unreachable. The job runner is separate (`quantplan runner`, or the runners `quantplan serve` starts).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime, and the
+# dependency aliases below are local to `_routes`.
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+
+from quantplan.errors import QuantPlanError
+from quantplan.service.client import SHA_HEADER
+from quantplan.service.jobs import JobSpec, SpecError
+from quantplan.service.views import job_view, leaderboard_view, plan_view
+from quantplan.storage import (
+    DatabaseUnavailableError,
+    InvalidRecordError,
+    JobStateError,
+    NotFoundError,
+    Repository,
+    StorageError,
+    StorageSettings,
+    load_settings,
+    open_store,
+)
+from quantplan.storage.artifacts import CHUNK, ArtifactStore
+from quantplan.workers.net import AddressError, unreachable
+
+log = logging.getLogger("quantplan.service.api")
+
+API_VERSION = "v1"
+JOB_STATUSES = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Id = Annotated[int, Path(ge=1, le=2**31 - 1, description="A positive integer id.")]
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="What was wrong and what to do.")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "Missing or unknown bearer token."},
+    404: {"model": Problem, "description": "No such job, plan or model."},
+    413: {"model": Problem, "description": "Request body too large."},
+    503: {"model": Problem, "description": "The database is unreachable; retry later."},
+}
+
+
+class Services:
+    """What the endpoints use: settings, repository, artifact store, tokens (token -> name)."""
+
+    def __init__(self, settings: StorageSettings, repo: Repository | None = None,
+                 store: ArtifactStore | None = None) -> None:
+        self.settings = settings
+        self.repo = repo or Repository(settings=settings)
+        self.store = store or open_store(settings.artifacts)
+        self.tokens = settings.tokens()
+
+
+def create_app(settings: StorageSettings | None = None, *, repo: Repository | None = None,
+               store: ArtifactStore | None = None, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The API over the database and store named by `settings` (default: `load_settings()`); `on_shutdown` runs
+    when the server stops (before uvicorn re-raises the signal that stopped it)."""
+    settings = settings or (repo.settings if repo is not None else load_settings())
+    services = Services(settings, repo, store)
+    if not services.tokens:
+        log.warning("no API tokens configured (QUANTPLAN_API_TOKENS): every write will be refused with 401")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+        if repo is None:
+            services.repo.close()
+
+    app = FastAPI(title="QuantPlan", version=API_VERSION, lifespan=lifespan,
+                  description="Mixed-precision quantization plans for language models: submit search jobs, "
+                              "query the leaderboard, download plans.")
+    app.state.services = services
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    _install_error_handlers(app)
+    app.include_router(_routes(services))
+    return app
+
+
+# ---------------------------------------------------------------------------------------------- auth
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _identify(services: Services, authorization: str | None) -> str:
+    token = _bearer(authorization)
+    for known, name in services.tokens.items():
+        if token is not None and hmac.compare_digest(token.encode(), known.encode()):
+            return name
+    raise Unauthorized("a valid bearer token is required" if token is None else "unknown bearer token")
+
+
+class Unauthorized(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+
+def _routes(services: Services) -> APIRouter:
+    router = APIRouter()
+    Auth = Annotated[str | None, Header(description="Bearer <token>")]
+
+    def writer(authorization: Auth = None) -> str:
+        return _identify(services, authorization)
+
+    def reader(authorization: Auth = None) -> str | None:
+        return _identify(services, authorization) if services.settings.auth_reads else None
+
+    Writer = Annotated[str, Depends(writer)]
+    Reader = Annotated[str | None, Depends(reader)]
+    repo, store = services.repo, services.store
+
+    @router.post(f"/{API_VERSION}/jobs", status_code=202, responses={**ERRORS, 409: {"model": Problem}},
+                 summary="Submit a search job")
+    def submit(spec: JobSpec, user: Writer,
+               idempotency_key: Annotated[str | None, Header(max_length=255, pattern=r"^[\x21-\x7e]+$")] = None
+               ) -> dict[str, Any]:
+        try:
+            job = repo.create_job(spec.to_json(), submitter=user, idempotency_key=idempotency_key)
+        except StorageError as e:
+            if isinstance(e, DatabaseUnavailableError) or idempotency_key is None:
+                raise
+            raise Conflict(str(e)) from None
+        log.info("job %d submitted by %s", job.id, user)
+        return job_view(job)
+
+    @router.get(f"/{API_VERSION}/jobs", responses=ERRORS, summary="List jobs")
+    def jobs(_: Reader, status: JOB_STATUSES | None = None,
+             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+        return [job_view(j) for j in repo.list_jobs(status, limit)]
+
+    @router.get(f"/{API_VERSION}/jobs/{{job_id}}", responses=ERRORS, summary="A job's status")
+    def job(job_id: Id, _: Reader) -> dict[str, Any]:
+        return job_view(repo.get_job(job_id))
+
+    @router.get(f"/{API_VERSION}/jobs/{{job_id}}/plans", responses=ERRORS, summary="The plans a job stored")
+    def job_plans(job_id: Id, _: Reader) -> list[dict[str, Any]]:
+        repo.get_job(job_id)  # 404 for an unknown job rather than an empty list
+        return [plan_view(p) for p in repo.plans_for_job(job_id)]
+
+    @router.post(f"/{API_VERSION}/jobs/{{job_id}}/cancel", responses=ERRORS, summary="Cancel a job")
+    def cancel(job_id: Id, _: Writer) -> dict[str, Any]:
+        return job_view(repo.cancel_job(job_id))
+
+    @router.get(f"/{API_VERSION}/leaderboard", responses=ERRORS, summary="Plans of a model")
+    def leaderboard(
+        _: Reader,
+        model: Annotated[str, Query(min_length=1, max_length=1024, description="Name, fingerprint or id.")],
+        max_avg_bits: Annotated[float | None, Query(gt=0, le=64)] = None,
+        max_bytes: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+        act_bits: Annotated[int | None, Query(ge=1, le=32)] = None,
+        sort: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")] = "perplexity",
+        order: Literal["asc", "desc"] = "asc",
+        dataset: Annotated[str | None, Query(max_length=4096)] = None,
+        pareto_only: bool = False,
+        distinct: Annotated[bool, Query(description="A plan several jobs stored is listed once.")] = False,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+        offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    ) -> dict[str, Any]:
+        key: int | str = int(model) if model.isdigit() and len(model) < 10 else model
+        page = repo.leaderboard(key, max_avg_bits=max_avg_bits, max_bytes=max_bytes, act_bits=act_bits, sort=sort,
+                                dataset=dataset, order=order, pareto_only=pareto_only, limit=limit, offset=offset,
+                                distinct=distinct)
+        return leaderboard_view(model, page)
+
+    @router.get(f"/{API_VERSION}/plans/{{plan_id}}", responses=ERRORS, summary="A plan with its metrics")
+    def plan(plan_id: Id, _: Reader) -> dict[str, Any]:
+        return plan_view(repo.get_plan(plan_id), full=True)
+
+    @router.get(f"/{API_VERSION}/plans/{{plan_id}}/plan.json", responses=ERRORS, summary="The plan file")
+    def plan_file(plan_id: Id, _: Reader) -> JSONResponse:
+        record = repo.get_plan(plan_id)
+        return JSONResponse(record.plan, headers={"Content-Disposition": f'attachment; filename="plan-{plan_id}.json"'})
+
+    @router.get(f"/{API_VERSION}/plans/{{plan_id}}/artifact", responses=ERRORS, response_class=StreamingResponse,
+                summary="The materialized artifact (tar archive), streamed")
+    def artifact(plan_id: Id, _: Reader) -> StreamingResponse:
+        record = repo.get_plan(plan_id)
+        packed = next((a for a in record.artifacts if a.kind == "packed"), None)
+        if packed is None:
+            raise NotFoundError(f"plan {plan_id} has no materialized artifact; pick a plan whose `artifacts` "
+                                "lists one (the job materializes its best plans)")
+        reader_ = store.open(packed.sha256)
+        headers = {SHA_HEADER: packed.sha256, "Content-Length": str(packed.bytes), "ETag": f'"{packed.sha256}"',
+                   "Content-Disposition": f'attachment; filename="plan-{plan_id}.tar"'}
+        return StreamingResponse(_chunks(reader_), media_type="application/x-tar", headers=headers)
+
+    @router.get("/healthz", summary="Database and Ray reachable", responses={503: {"description": "Unhealthy"}})
+    def healthz() -> JSONResponse:
+        checks = {"database": _check_database(repo), "ray": _check_ray(services.settings.ray_address)}
+        ok = all(v in ("ok", "local") for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
+
+    return router
+
+
+def _chunks(f: Any) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+def _check_database(repo: Repository) -> str:
+    try:
+        with repo.db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as e:  # any failure to talk to it is "unreachable" here
+        return f"unreachable: {str(e).splitlines()[0][:200]}"
+
+
+def _check_ray(address: str | None) -> str:
+    """`local` when jobs use a local Ray instance; else whether the cluster's GCS port accepts connections."""
+    if not address or address in ("local", "auto"):
+        return "local"
+    try:
+        why = unreachable(address, timeout=2.0)
+    except AddressError as e:
+        why = str(e)
+    return "ok" if why is None else f"unreachable: {address}: {why}"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class Conflict(Exception):
+    pass
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(Unauthorized)
+    async def _401(_: Request, e: Unauthorized) -> JSONResponse:
+        return problem(401, f"{e}; send `Authorization: Bearer <token>` with a token the server was given "
+                            "(QUANTPLAN_API_TOKENS)", {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Conflict)
+    async def _409(_: Request, e: Conflict) -> JSONResponse:
+        return problem(409, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _422(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+            parts.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+        return problem(422, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(QuantPlanError)
+    async def _quantplan(_: Request, e: QuantPlanError) -> JSONResponse:
+        if isinstance(e, NotFoundError):
+            return problem(404, str(e))
+        if isinstance(e, DatabaseUnavailableError):
+            log.error("database unavailable: %s", e)
+            return problem(503, "the database is unavailable; retry later", {"Retry-After": "5"})
+        if isinstance(e, (SpecError, InvalidRecordError)):
+            return problem(422, str(e))
+        if isinstance(e, JobStateError):
+            return problem(409, str(e))
+        return problem(400, str(e))
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes (declared Content-Length or counted)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._too_large(send)
+            return
+        if declared is not None:
+            await self.app(scope, receive, send)
+            return
+        # no declared length (chunked): read the body here, at most `limit` bytes, then replay it to the app
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message]), send)
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._too_large(send)
+                return
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+    async def _too_large(self, send: Any) -> None:
+        response = JSONResponse({"detail": f"request body over {self.limit:,} bytes; send a smaller body"},
+                                status_code=413)
+        await response({"type": "http"}, _no_receive, send)
+
+
+def _replay(messages: list[dict[str, Any]], then: Any = None) -> Any:
+    """An ASGI `receive` that returns `messages`, then defers to `then` (e.g. to see a disconnect)."""
+    pending = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return pending.pop(0)
+        return await then() if then is not None else {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _no_receive() -> dict[str, Any]:
+    return {"type": "http.disconnect"}

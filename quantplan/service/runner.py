@@ -1,0 +1,418 @@
+"""The job runner: claims queued search jobs and runs sensitivity -> search -> store -> materialize on Ray.
+
+One job, five stages, each resumable after a crash (a restarted runner skips what is already done):
+
+- `load`: validate the spec, load the model, register it (`models`).
+- `sensitivity`: the Fisher table on Ray workers. Kept: the table is cached by (fingerprint, calibration,
+  estimator) and archived (`sensitivity_tables` + the artifact store), so a resumed job reuses it.
+- `search`: knapsack + the Optuna study `job-<id>` in the project database + measured re-scoring. Kept: the
+  finished trials; the study continues up to `trials`.
+- `store`: the Pareto set and the baselines with their metrics, one transaction. Plans are unique per
+  (job, plan), so a rerun stores nothing twice.
+- `materialize`: the best measured plans packed, measured again, archived in the artifact store. A plan that
+  already has its `packed` artifact is skipped.
+
+While a job runs, a heartbeat thread refreshes `jobs.heartbeat_at` every `heartbeat_interval` seconds. A runner
+that dies stops heartbeating; any runner's `requeue_stale` puts the job back in the queue after `stale_after`
+seconds (failed once it has used `max_attempts` claims). A cancel request is honoured between search trials and
+at the next stage boundary. Bad input (a spec that does not validate, a model that does not load, an infeasible
+budget) fails the job at once with the `QuantPlanError` message; any other error gives the job back for another
+attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quantplan.errors import QuantPlanError
+from quantplan.service.jobs import JobSpec
+from quantplan.storage import JobRecord, JobStateError, NewPlan, Repository
+from quantplan.storage.artifacts import ArtifactStore
+from quantplan.storage.db import safe_url
+
+if TYPE_CHECKING:
+    from quantplan.search.problem import Candidate
+    from quantplan.service.search_cmd import SearchReport
+
+log = logging.getLogger("quantplan.service.runner")
+
+STAGES = ("load", "sensitivity", "search", "store", "materialize")
+PROGRESS = {"load": 0.0, "sensitivity": 0.05, "search": 0.35, "store": 0.75, "materialize": 0.8}
+PACKED = "packed"  # artifact kind of a materialized plan directory (tar archive in the store)
+
+
+class Cancelled(Exception):
+    """The job's cancellation was requested; the runner ends it as cancelled."""
+
+
+class Lost(Exception):
+    """The job is no longer ours (requeued after a stale heartbeat, or finished elsewhere)."""
+
+
+def default_runner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class RunnerConfig:
+    heartbeat_interval: float = 10.0  # seconds between heartbeats of a running job
+    stale_after: float = 120.0  # a running job without a heartbeat for this long is requeued
+    max_attempts: int = 3  # claims before a job that keeps failing is marked failed
+    ray_address: str | None = None
+
+
+class Runner:
+    """Runs search jobs from `repo`, archiving artifacts in `store` (see the module docstring)."""
+
+    def __init__(self, repo: Repository, store: ArtifactStore, *, runner_id: str | None = None,
+                 config: RunnerConfig | None = None, progress: bool = False) -> None:
+        self.repo = repo
+        self.store = store
+        self.id = runner_id or default_runner_id()
+        self.config = config or RunnerConfig(ray_address=repo.settings.ray_address)
+        self.progress = progress
+
+    # ------------------------------------------------------------------ loop
+
+    def run_once(self) -> JobRecord | None:
+        """Requeue stale jobs, claim the oldest queued job and run it; the job's final record, None if idle."""
+        requeued = self.repo.requeue_stale(self.config.stale_after, max_attempts=self.config.max_attempts)
+        for job_id in requeued.requeued:
+            log.warning("job %d: its runner stopped heartbeating; requeued", job_id)
+        for job_id in requeued.failed:
+            log.error("job %d: failed after %d attempts", job_id, self.config.max_attempts)
+        job = self.repo.claim_next_job(self.id)
+        return None if job is None else self.execute(job)
+
+    def run_job(self, job_id: int) -> JobRecord:
+        """Claim the given queued job and run it in this process (`quantplan run`)."""
+        job = self.repo.claim_job(job_id, self.id)
+        if job is None:
+            current = self.repo.get_job(job_id)
+            raise QuantPlanError(f"job {job_id} is {current.status}, not queued; only a queued job can be run")
+        return self.execute(job)
+
+    def serve(self, stop: threading.Event, *, poll: float = 2.0, max_jobs: int | None = None) -> int:
+        """Run jobs until `stop` is set (or `max_jobs` ran); returns how many ran. Storage outages are retried."""
+        done = 0
+        log.info("runner %s: polling %s every %.1f s", self.id, safe_url(self.repo.db.url), poll)
+        while not stop.is_set() and (max_jobs is None or done < max_jobs):
+            try:
+                ran = self.run_once()
+            except QuantPlanError as e:  # e.g. the database is down: wait and try again
+                log.error("runner %s: %s", self.id, e)
+                ran = None
+            if ran is None:
+                stop.wait(poll)
+            else:
+                done += 1
+        return done
+
+    # ------------------------------------------------------------------ one job
+
+    def execute(self, job: JobRecord) -> JobRecord:
+        """Run a job this runner has claimed, to succeeded, failed, cancelled or requeued."""
+        log.info("job %d: attempt %d, resuming at %s", job.id, job.attempts, job.stage or "the start")
+        with _Heartbeat(self.repo, job.id, self.id, self.config.heartbeat_interval) as beat:
+            try:
+                JobRun(self, job, beat).run()
+            except Cancelled:
+                log.info("job %d: cancelled", job.id)
+                return self._end(job.id, lambda: self.repo.finish_job(job.id, self.id, cancelled=True))
+            except (Lost, JobStateError):
+                log.warning("job %d: lost to another runner or requeued; dropping it", job.id)
+                return self.repo.get_job(job.id)
+            except QuantPlanError as e:
+                log.error("job %d failed: %s", job.id, e)
+                error = str(e)
+                return self._end(job.id, lambda: self.repo.fail_job(job.id, self.id, error))
+            except Exception as e:  # a crash of ours or of a worker: another attempt may succeed
+                log.exception("job %d: %s", job.id, e)
+                message = f"{type(e).__name__}: {e}"
+                return self._end(job.id, lambda: self.repo.release_job(job.id, self.id, message,
+                                                                       max_attempts=self.config.max_attempts))
+        log.info("job %d succeeded", job.id)
+        return self._end(job.id, lambda: self.repo.finish_job(job.id, self.id))
+
+    def _end(self, job_id: int, end: Callable[[], JobRecord]) -> JobRecord:
+        try:
+            return end()
+        except JobStateError:  # requeued or finished elsewhere meanwhile
+            return self.repo.get_job(job_id)
+
+
+class _Heartbeat:
+    """A daemon thread that heartbeats one job; `check()` raises `Cancelled` / `Lost` for the job's thread."""
+
+    def __init__(self, repo: Repository, job_id: int, runner: str, interval: float) -> None:
+        self.repo, self.job_id, self.runner, self.interval = repo, job_id, runner, interval
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.repo.heartbeat(self.job_id, self.runner):
+                    self.cancelled.set()
+            except JobStateError:
+                self.lost.set()
+                return
+            except QuantPlanError as e:  # the database is unreachable for a moment: keep trying
+                log.warning("job %d: heartbeat failed: %s", self.job_id, e)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise Lost
+        if self.cancelled.is_set():
+            raise Cancelled
+
+
+class JobRun:
+    """The stages of one claimed job (state shared between them lives here)."""
+
+    def __init__(self, runner: Runner, job: JobRecord, beat: _Heartbeat) -> None:
+        self.runner, self.repo, self.store = runner, runner.repo, runner.store
+        self.job, self.beat = job, beat
+        self.spec = JobSpec.parse(job.spec)
+        self.address = runner.config.ray_address
+        self.workers = self.spec.workers
+        self._last_progress = 0.0
+
+    def stage(self, name: str, progress: float | None = None) -> None:
+        """Record the stage (and progress) of the job; honour a cancel request or a lost job."""
+        self.beat.check()
+        try:
+            if not self.repo.heartbeat(self.job.id, self.runner.id):
+                raise Cancelled  # before the stage starts: the job stays at the last stage it worked on
+            self.repo.update_job(self.job.id, self.runner.id, stage=name, progress=progress)
+        except JobStateError:
+            raise Lost from None
+        log.info("job %d: %s", self.job.id, name)
+
+    def run(self) -> None:
+        from quantplan.search.budget import Budget
+        from quantplan.search.space import SearchSpace
+
+        spec = self.spec
+        budget = Budget(spec.budget_bits, spec.budget_mb)  # bad input fails before any model is loaded
+        space = SearchSpace(spec.act_bits, spec.symmetry, False, tuple(spec.weights) if spec.weights else None,
+                            spec.skip, spec.max_dynamic_share)
+        self.stage("load", PROGRESS["load"])
+        loaded = self._load()
+        self.stage("sensitivity", PROGRESS["sensitivity"])
+        inputs = self._sensitivity(loaded)
+        self.stage("search", PROGRESS["search"])
+        report = self._search(inputs, budget, space)
+        self.stage("store", PROGRESS["store"])
+        plan_ids = self._store(loaded, report)
+        self.stage("materialize", PROGRESS["materialize"])
+        self._materialize(loaded, report, plan_ids)
+
+    # ------------------------------------------------------------------ stages
+
+    def _load(self) -> _Loaded:
+        from quantplan.workers.data import DataSpec
+        from quantplan.workers.models import load_model, model_fingerprint, model_identity
+
+        spec = self.spec
+        data, eval_data = DataSpec.parse(spec.data), DataSpec.parse(spec.eval_data or spec.data)
+        net, tokenizer = load_model(spec.model, dtype=spec.dtype)
+        identity = model_identity(spec.model, net)
+        fingerprint = model_fingerprint(net)
+        model = self.repo.upsert_model(spec.model, fingerprint, revision=identity["revision"],
+                                       parameter_count=identity["parameters"],
+                                       architecture=identity["architecture"])
+        seq_len = spec.seq_len or min(512, int(getattr(net.config, "max_position_embeddings", 512)))
+        return _Loaded(net, tokenizer, model.id, fingerprint, identity, data, eval_data, seq_len)
+
+    def _sensitivity(self, loaded: _Loaded) -> Any:
+        from quantplan.quant.apply import layer_shapes
+        from quantplan.service.search_cmd import SearchInputs, selection_windows
+        from quantplan.workers.data import DataSpec, calibration_set, eval_windows
+        from quantplan.workers.pipeline import sensitivity_table
+
+        spec = self.spec
+        calib = calibration_set(loaded.data, loaded.tokenizer, samples=spec.samples, seq_len=loaded.seq_len,
+                                seed=spec.seed)
+        self._fetch_table(loaded, calib)
+        table, cached = sensitivity_table(loaded.net, calib, model_name=spec.model, workers=self.workers,
+                                          address=self.address, progress=self.runner.progress,
+                                          fingerprint=loaded.fingerprint)
+        log.info("job %d: sensitivity table %s (%s)", self.job.id, table.key, "reused" if cached else "computed")
+        self._keep_table(table, loaded.model_id)
+        windows = eval_windows(loaded.eval_data, loaded.tokenizer, seq_len=loaded.seq_len,
+                               max_windows=spec.eval_samples, split="test")
+        select_windows = None
+        if spec.select == "perplexity":
+            select_spec = DataSpec.parse(spec.select_data) if spec.select_data else loaded.data
+            select_windows = selection_windows(select_spec, loaded.eval_data, loaded.tokenizer, loaded.seq_len,
+                                             spec.select_samples or spec.eval_samples)
+        loaded.calibration = calib
+        loaded.windows = windows
+        loaded.inputs = SearchInputs(loaded.net, table, calib.tokens, windows, layer_shapes(loaded.net),
+                                     select_windows)
+        return loaded.inputs
+
+    def _fetch_table(self, loaded: _Loaded, calibration: Any) -> None:
+        """A table another runner stored (e.g. on another machine) goes into the local cache, so it is reused."""
+        from quantplan.workers.pipeline import cached_table_path, table_identity
+
+        key = table_identity(loaded.net, calibration, fingerprint=loaded.fingerprint)[0]
+        path = cached_table_path(key)
+        record = self.repo.get_table(key)
+        if path.is_file() or record is None or record.sha256 is None or not self.store.exists(record.sha256):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.store.get_file(record.sha256, path)
+        log.info("job %d: sensitivity table %s fetched from the artifact store", self.job.id, key)
+
+    def _keep_table(self, table: Any, model_id: int) -> None:
+        """Archive the table in the artifact store and index it by key (first writer wins)."""
+        if self.repo.get_table(table.key) is not None:
+            return
+        with tempfile.TemporaryDirectory(prefix="quantplan-table-") as tmp:
+            stored = self.store.put_file(table.save(Path(tmp) / "table.safetensors"))
+        self.repo.put_table(table.key, stored.uri, sha256=stored.sha256, model_id=model_id)
+
+    def _search(self, inputs: Any, budget: Any, space: Any) -> SearchReport:
+        from quantplan.search.study import StudySettings
+        from quantplan.service.search_cmd import run_pipeline
+
+        spec = self.spec
+        settings = StudySettings(spec.trials, spec.space, spec.seed, f"job-{self.job.id}", self.repo.db.url)
+        return run_pipeline(inputs, budget, space, settings, eval_top=spec.eval_top, workers=self.workers,
+                            address=self.address, progress=self.runner.progress, select=spec.select,
+                            refine=spec.refine, refine_tol=spec.refine_tol, on_trial=self._on_trial)
+
+    def _on_trial(self, done: int, total: int) -> None:
+        """Between Optuna trials: honour a cancel (the heartbeat thread saw it) and report progress every 2 s."""
+        self.beat.check()
+        now = time.monotonic()
+        if total and now - self._last_progress >= 2.0:
+            self._last_progress = now
+            span = PROGRESS["store"] - PROGRESS["search"] - 0.1  # the rest of the stage measures candidates
+            try:
+                self.repo.update_job(self.job.id, self.runner.id, progress=PROGRESS["search"] + span * done / total)
+            except JobStateError:
+                raise Lost from None
+
+    def _store(self, loaded: _Loaded, report: SearchReport) -> dict[tuple[str, ...], int]:
+        """The Pareto set and the references with their predictions and measurements, in one transaction."""
+        dataset = str(loaded.eval_data)
+        candidates: dict[tuple[str, ...], Candidate] = {}
+        for c in report.candidates():
+            candidates.setdefault(c.schemes, c)
+        pareto = {c.schemes for c in report.result.pareto}
+        new = []
+        for c in candidates.values():
+            measured = report.measured.get(c.label) or {}
+            metrics = {(name, dataset): float(measured[key]) for key in ("perplexity", "kl") if key in measured
+                       for name in (key, f"{key}_simulated")}  # the materialized model's replace the first
+            plan = report.problem.plan(c, meta={"job": self.job.id, "label": c.label, "recipe": c.recipe})
+            new.append(NewPlan(plan, c.avg_bits, c.bytes, _act_bits(c), c.predicted_loss, c.schemes in pareto,
+                               metrics))
+        ids = self.repo.add_plans(loaded.model_id, new, job_id=self.job.id, runner=self.runner.id)
+        log.info("job %d: stored %d plans (%d on the Pareto front)", self.job.id, len(ids), len(pareto))
+        return dict(zip(candidates, ids, strict=True))  # per-layer schemes -> plan id
+
+    def _materialize(self, loaded: _Loaded, report: SearchReport, plan_ids: dict[tuple[str, ...], int]) -> None:
+        """Pack the best measured plans (best first), measure the real artifacts, archive them."""
+        from quantplan.workers.artifacts import materialize_plan
+        from quantplan.workers.evaluate import evaluate
+
+        chosen = _to_materialize(report, self.spec.materialize_top)
+        pending = [c for c in chosen if not self._has_artifact(plan_ids[c.schemes])]
+        if not pending:
+            return
+        # the unquantized model on these windows, as the search measured it (measured here when it did not)
+        base = loaded.inputs.bases.get(id(loaded.windows)) or evaluate(loaded.net, loaded.windows)
+        dataset = str(loaded.eval_data)
+        eval_info = {"data": dataset, "split": "test", "seq_len": loaded.seq_len,
+                     "windows": int(loaded.windows.shape[0])}
+        for i, candidate in enumerate(pending):
+            if i > 0:  # the stage itself was entered (and logged) before the first plan
+                self.stage("materialize", PROGRESS["materialize"] + 0.2 * i / len(pending))
+            plan_id = plan_ids[candidate.schemes]
+            plan = report.problem.plan(candidate, meta={"job": self.job.id, "plan_id": plan_id})
+            with _scratch() as tmp:
+                out = tmp / "artifact"
+                _, real = materialize_plan(loaded.net, plan, loaded.calibration.tokens, out,
+                                           windows=loaded.windows, eval_info=eval_info,
+                                           model_info={**loaded.identity, "fingerprint": loaded.fingerprint},
+                                           base_result=base)
+                stored = self.store.put_dir(out)
+            assert real is not None
+            self.repo.set_metrics(plan_id, {("perplexity", dataset): real.perplexity, ("kl", dataset): real.kl,
+                                            ("base_perplexity", dataset): real.base_perplexity,
+                                            "artifact_bytes": float(stored.size)})
+            self.repo.record_artifact(plan_id, PACKED, stored.uri, stored.sha256, stored.size)
+            log.info("job %d: plan %d materialized (perplexity %.3f, kl %.4f, %s bytes archived)", self.job.id,
+                     plan_id, real.perplexity, real.kl, f"{stored.size:,}")
+
+    def _has_artifact(self, plan_id: int) -> bool:
+        return any(a.kind == PACKED for a in self.repo.get_plan(plan_id).artifacts)
+
+
+@dataclass
+class _Loaded:
+    net: Any
+    tokenizer: Any
+    model_id: int
+    fingerprint: str
+    identity: dict[str, Any]
+    data: Any
+    eval_data: Any
+    seq_len: int
+    calibration: Any = None
+    windows: Any = None
+    inputs: Any = None  # the search's SearchInputs
+
+
+def _act_bits(c: Candidate) -> int:
+    return min(16 if s.endswith(":a16") else 8 for s in c.schemes)
+
+
+def _to_materialize(report: SearchReport, top: int) -> list[Candidate]:
+    """The search's best plan first, then the next measured plans within budget and space by measured KL."""
+    if top <= 0 or report.best is None:
+        return []
+    fits = [c for c in report.candidates()
+            if c.under_budget and c.in_space and c.label in report.measured and c.label != report.best.label]
+    fits.sort(key=lambda c: report.measured[c.label]["kl"])
+    chosen: dict[tuple[str, ...], Candidate] = {report.best.schemes: report.best}
+    for c in fits:
+        if len(chosen) >= top:
+            break
+        chosen.setdefault(c.schemes, c)
+    return list(chosen.values())
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="quantplan-job-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,68 @@
+"""storage: SQLAlchemy models, Alembic migrations, the repository API and the artifact store (never imports torch).
+
+    from quantplan.storage import Repository, NewPlan, open_store, load_settings
+    settings = load_settings()                       # QUANTPLAN_DATABASE_URL, QUANTPLAN_ARTIFACTS, config file
+    repo = Repository(settings=settings)             # opens the database and migrates it to the newest schema
+    store = open_store(settings.artifacts)
+
+See docs/STORAGE.md for the schema and the invariants.
+"""
+
+from quantplan.storage.artifacts import (
+    ArtifactStore,
+    FsspecArtifactStore,
+    LocalArtifactStore,
+    StoredArtifact,
+    open_store,
+)
+from quantplan.storage.errors import (
+    ArtifactStoreError,
+    DatabaseUnavailableError,
+    InvalidRecordError,
+    JobStateError,
+    NotFoundError,
+    SettingsError,
+    StorageError,
+)
+from quantplan.storage.repository import (
+    ArtifactRecord,
+    JobRecord,
+    LeaderboardPage,
+    MetricRecord,
+    ModelRecord,
+    NewPlan,
+    PlanRecord,
+    Repository,
+    RequeueResult,
+    TableRecord,
+    plan_sha256,
+)
+from quantplan.storage.settings import StorageSettings, load_settings
+
+__all__ = [
+    "ArtifactStoreError",
+    "ArtifactRecord",
+    "ArtifactStore",
+    "DatabaseUnavailableError",
+    "FsspecArtifactStore",
+    "InvalidRecordError",
+    "JobRecord",
+    "JobStateError",
+    "LeaderboardPage",
+    "LocalArtifactStore",
+    "MetricRecord",
+    "ModelRecord",
+    "NewPlan",
+    "NotFoundError",
+    "PlanRecord",
+    "Repository",
+    "RequeueResult",
+    "SettingsError",
+    "StorageError",
+    "StorageSettings",
+    "StoredArtifact",
+    "TableRecord",
+    "load_settings",
+    "open_store",
+    "plan_sha256",
+]

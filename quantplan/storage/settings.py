@@ -1,0 +1,146 @@
+"""Storage settings: database URL, artifact location, Ray address and pool sizing, from env and a config file.
+
+Precedence, highest first: keyword arguments to `load_settings`, environment variables (`QUANTPLAN_*`),
+the TOML config file, the defaults. The config file is the path given to `load_settings`, else
+`$QUANTPLAN_CONFIG`, else `<user config dir>/quantplan/config.toml` when it exists. Its keys are the field
+names below (`database_url = "postgresql://..."`); an unknown key is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import platformdirs
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from quantplan.storage.errors import SettingsError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+APP_NAME = "quantplan"
+CONFIG_ENV = "QUANTPLAN_CONFIG"
+
+
+def user_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{user_data_dir() / 'quantplan.db'}"
+
+
+def default_artifacts() -> str:
+    return str(user_data_dir() / "artifacts")
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+class StorageSettings(BaseSettings):
+    """Where QuantPlan keeps its database and artifacts; pool sizes apply to PostgreSQL only."""
+
+    model_config = SettingsConfigDict(env_prefix="QUANTPLAN_", extra="forbid", frozen=True)
+    _file_values: ClassVar[dict[str, Any]] = {}
+
+    database_url: str = Field(default_factory=default_database_url, min_length=1)
+    artifacts: str = Field(default_factory=default_artifacts, min_length=1)
+    ray_address: str | None = None
+    pool_size: int = Field(default=5, ge=1)
+    max_overflow: int = Field(default=10, ge=0)
+    pool_timeout: float = Field(default=30.0, gt=0)
+    pool_recycle: int = Field(default=1800, ge=-1)  # seconds; PostgreSQL servers and proxies drop idle links
+    sqlite_busy_timeout: float = Field(default=30.0, gt=0)  # seconds a writer waits for SQLite's lock
+    # the HTTP service (`quantplan serve`)
+    api_tokens: str | None = None  # comma-separated bearer tokens, each `token` or `name=token` (name: submitter)
+    auth_reads: bool = False  # also require a token for reads (GET)
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)  # larger request bodies get 413
+
+    def tokens(self) -> dict[str, str]:
+        """The configured bearer tokens, token -> name (the name recorded as a job's submitter)."""
+        out: dict[str, str] = {}
+        for i, item in enumerate(t.strip() for t in (self.api_tokens or "").split(",")):
+            if not item:
+                continue
+            name, sep, token = item.partition("=")
+            if not sep:
+                name, token = f"token{i + 1}", item
+            if len(token.strip()) < 8:
+                raise SettingsError(f"API token {name.strip()!r} is shorter than 8 characters; use a long random "
+                                    "token (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+            out[token.strip()] = name.strip()
+        return out
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileValues(settings_cls, cls._file_values)
+
+
+class _FileValues(PydanticBaseSettingsSource):
+    """The already-validated key/value pairs of the config file, below the environment in precedence."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The keys of a TOML config file; unknown keys and bad TOML raise `SettingsError`."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist; create it or unset ${CONFIG_ENV}") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SettingsError(f"cannot read config file {path}: {e}; fix the TOML syntax") from e
+    unknown = sorted(set(values) - set(StorageSettings.model_fields))
+    if unknown:
+        known = ", ".join(StorageSettings.model_fields)
+        raise SettingsError(f"unknown key(s) {', '.join(unknown)} in config file {path}; known keys: {known}")
+    return values
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> StorageSettings:
+    """Settings from overrides, the environment and the config file (see the module docstring)."""
+    path = _config_path(config_file)
+    cls = StorageSettings
+    if path is not None:
+        cls = type("StorageSettingsFromFile", (StorageSettings,), {"_file_values": read_config_file(path)})
+    try:
+        return cls(**overrides)
+    except ValidationError as e:
+        where = f" (config file {path})" if path else ""
+        raise SettingsError(f"invalid storage settings{where}: {_short(e)}; fix the value or unset it") from e
+
+
+def _config_path(config_file: str | Path | None) -> Path | None:
+    if config_file is not None:
+        return Path(config_file)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = default_config_path()
+    return default if default.is_file() else None
+
+
+def _short(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())

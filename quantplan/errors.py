@@ -26,5 +26,9 @@ class DataError(QuantPlanError):
     """A data spec that does not parse, points at missing files, or yields too few tokens."""
 
 
+class SettingsError(QuantPlanError, ValueError):
+    """A setting (keyword, `QUANTPLAN_*` environment variable or config file entry) that does not parse."""
+
+
 class ArtifactError(QuantPlanError):
     """A materialized artifact that is missing, corrupted, of an unknown format, or made for another base model."""

@@ -36,6 +36,7 @@ from quantplan.search import knapsack, recipes
 from quantplan.search.problem import Candidate, Problem
 from quantplan.search.space import SearchError
 from quantplan.search.trials import SPACES
+from quantplan.settings import load_settings, normalize_url, safe_url
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,9 @@ KNAPSACK = "knapsack"
 
 
 def database_url(url: str | None = None) -> str:
-    """--db, else the project database (`storage.settings`: $QUANTPLAN_DATABASE_URL, the config file, or
+    """--db, else the project database (`quantplan.settings`: $QUANTPLAN_DATABASE_URL, the config file, or
     SQLite in the user data dir), with postgresql:// mapped to the installed psycopg 3 driver."""
-    from quantplan.storage.db import normalize_url
-    from quantplan.storage.settings import load_settings
-
     return normalize_url(url or load_settings().database_url)
-
-
-def safe_url(url: str) -> str:
-    """The URL with any password masked (for messages and output)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 @dataclass(frozen=True)
@@ -196,9 +189,7 @@ def _open_study(url: str, name: str, config: dict[str, Any]) -> optuna.Study:
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
-    """The project's pool and busy-timeout settings (storage.settings) for Optuna's own engine."""
-    from quantplan.storage.settings import load_settings
-
+    """The project's pool and busy-timeout settings (`quantplan.settings`) for Optuna's own engine."""
     settings = load_settings()
     if url.startswith("sqlite"):
         database = url.split(":///", 1)[-1]

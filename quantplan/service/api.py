@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from quantplan.errors import QuantPlanError
+from quantplan.net import AddressError, unreachable
 from quantplan.service.client import SHA_HEADER
 from quantplan.service.jobs import JobSpec, SpecError
 from quantplan.service.views import job_view, leaderboard_view, plan_view
@@ -47,7 +48,6 @@ from quantplan.storage import (
     open_store,
 )
 from quantplan.storage.artifacts import CHUNK, ArtifactStore
-from quantplan.workers.net import AddressError, unreachable
 
 log = logging.getLogger("quantplan.service.api")
 

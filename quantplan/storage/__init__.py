@@ -5,9 +5,12 @@
     repo = Repository(settings=settings)             # opens the database and migrates it to the newest schema
     store = open_store(settings.artifacts)
 
-See docs/STORAGE.md for the schema and the invariants.
+See docs/STORAGE.md for the schema and the invariants. The settings live in `quantplan.settings` (the search's
+Optuna study and the service read them too); this package re-exports them.
 """
 
+from quantplan.errors import SettingsError
+from quantplan.settings import StorageSettings, load_settings
 from quantplan.storage.artifacts import (
     ArtifactStore,
     FsspecArtifactStore,
@@ -21,7 +24,6 @@ from quantplan.storage.errors import (
     InvalidRecordError,
     JobStateError,
     NotFoundError,
-    SettingsError,
     StorageError,
 )
 from quantplan.storage.repository import (
@@ -37,7 +39,6 @@ from quantplan.storage.repository import (
     TableRecord,
     plan_sha256,
 )
-from quantplan.storage.settings import StorageSettings, load_settings
 
 __all__ = [
     "ArtifactStoreError",

@@ -19,24 +19,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from quantplan.settings import StorageSettings, normalize_url, safe_url
 from quantplan.storage.errors import DatabaseUnavailableError, StorageError
-from quantplan.storage.settings import StorageSettings
-
-
-def normalize_url(url: str) -> str:
-    """`postgresql://` and `postgres://` URLs use psycopg 3 (the only PostgreSQL driver QuantPlan installs)."""
-    for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    return url
-
-
-def safe_url(url: str) -> str:
-    """The URL with its password hidden, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable URL>"
 
 
 def make_engine(url: str, settings: StorageSettings | None = None) -> Engine:

@@ -25,9 +25,5 @@ class ArtifactStoreError(StorageError):
     """An artifact that cannot be written, read, or whose content no longer matches its sha256."""
 
 
-class SettingsError(StorageError, ValueError):
-    """A storage setting or config file that does not parse."""
-
-
 class InvalidRecordError(StorageError, ValueError):
     """A value that cannot be stored (negative bytes, NaN metric, progress outside [0, 1], ...)."""

@@ -37,6 +37,7 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
+from quantplan.settings import StorageSettings, load_settings
 from quantplan.storage import migrate
 from quantplan.storage.db import Database
 from quantplan.storage.errors import InvalidRecordError, JobStateError, NotFoundError, StorageError
@@ -50,7 +51,6 @@ from quantplan.storage.models import (
     SensitivityTableRow,
     utcnow,
 )
-from quantplan.storage.settings import StorageSettings, load_settings
 
 PLAN_COLUMNS = ("avg_bits", "bytes", "act_bits", "predicted_loss", "created_at", "id")
 MAX_PAGE = 1000

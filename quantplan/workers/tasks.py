@@ -24,9 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from quantplan.errors import QuantPlanError
+from quantplan.net import AddressError, unreachable
 from quantplan.quant.apply import quantizable_modules
 from quantplan.quant.modules import linear_layout
-from quantplan.workers.net import AddressError, unreachable
 from quantplan.workers.sensitivity import (
     ActStats,
     FisherSums,

@@ -9,7 +9,8 @@ from pathlib import Path
 CODE = """
 import sys
 import quantplan.storage
-from quantplan.storage import artifacts, migrate, repository, settings
+import quantplan.settings
+from quantplan.storage import artifacts, migrate, repository
 repo = quantplan.storage.Repository("sqlite:///{db}")  # runs the migrations, so env.py and versions/ load too
 repo.close()
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))

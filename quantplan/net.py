@@ -1,5 +1,6 @@
-"""Reachability of a `host:port` address (Ray's GCS), without importing Ray: the HTTP API's health check and the
-Ray driver's fail-fast check share it."""
+"""Reachability of a `host:port` address (Ray's GCS), without importing Ray: the HTTP API's health check
+(`quantplan.service.api`) and the Ray driver's fail-fast check (`quantplan.workers.tasks`) share it. Standard
+library only, so any layer may import it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Storage settings: database URL, artifact location, Ray address and pool sizing, from env and a config file.
+"""Project settings (database URL, artifact location, Ray address, pool sizing, API tokens) and the database-URL
+helpers, read by storage, the search's Optuna study and the service alike (torch-free; imports no subpackage).
 
 Precedence, highest first: keyword arguments to `load_settings`, environment variables (`QUANTPLAN_*`),
 the TOML config file, the defaults. The config file is the path given to `load_settings`, else
@@ -16,8 +17,10 @@ from typing import Any, ClassVar
 import platformdirs
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from quantplan.storage.errors import SettingsError
+from quantplan.errors import SettingsError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +29,22 @@ else:  # pragma: no cover - Python 3.10
 
 APP_NAME = "quantplan"
 CONFIG_ENV = "QUANTPLAN_CONFIG"
+
+
+def normalize_url(url: str) -> str:
+    """`postgresql://` and `postgres://` URLs use psycopg 3 (the only PostgreSQL driver QuantPlan installs)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for messages and output."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
 
 
 def user_data_dir() -> Path:

@@ -390,6 +390,7 @@ def test_export_loads_again_with_from_pretrained(tmp_path, stories: Case, storie
 
 
 def test_import_quant_stays_torch_free() -> None:
-    code = "import sys, quant; assert 'torch' not in sys.modules; quant.ArtifactError; print('ok')"
+    code = ("import sys, quantplan.quant as quant; assert 'torch' not in sys.modules; quant.ArtifactError; "
+            "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "ok", proc.stderr

@@ -4,9 +4,11 @@ Works on any model whose quantizable layers are `nn.Linear` or GPT-2's `Conv1D` 
 GPT-NeoX, GPT-2, ...). Which norm feeds which layers is traced from one calibration forward pass (a layer is
 fed by a norm when its input *is* that norm's output tensor), so no per-architecture table is needed.
 
-Equalization (a8-lae, a8-smooth) divides the input channels by s and multiplies the weight columns by s.
-Where a norm feeds the layer and every quantizable consumer of that norm uses the same equalization, s is
-shared by them and folded into the norm's weight (and bias); otherwise the layer keeps a runtime pre-scale.
+Equalization (a8-lae, a8-smooth: strategies whose handler equalizes) divides the input channels by s and
+multiplies the weight columns by s. Where a norm feeds the layer and every quantizable consumer of that norm
+uses the same equalization, s is shared by them and folded into the norm's weight (and bias); otherwise the
+layer keeps a runtime pre-scale. What a strategy calibrates and how it simulates activations is its handler's
+business (`quant.act_handlers`): nothing here tests which strategy a layer uses.
 
 The module swapped in is built by a `ModuleFactory` with FakeQuantLinear's constructor signature: the
 simulation (FakeQuantLinear, the default) and the materialized model (`quant.qlinear.QuantLinear.from_float`,
@@ -27,10 +29,9 @@ import torch
 from torch import nn
 
 from quantplan.errors import PlanError
+from quantplan.quant.act_handlers import ActParams, act_handler
 from quantplan.quant.modules import LINEAR_TYPES, FakeQuantLinear, linear_shape, linear_weight
-from quantplan.quant.plan import LayerSpec, Plan, PlanCost
-from quantplan.quant.quantizers import lae_scales, smooth_scales, static_scale_from_absmax
-from quantplan.quant.schemes import ActScheme
+from quantplan.quant.plan import LayerSpec, Plan, PlanCost, specs_cost
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,21 @@ class ModuleFactory(Protocol):
         *,
         act_scale: torch.Tensor | None = None,  # static per-tensor scale (a8-static, a8-lae, a8-smooth)
         pre_scale: torch.Tensor | None = None,  # s [K] when it could not be folded into a norm
+        act_params: ActParams | None = None,  # the strategy's calibrated tensors (its handler's `calibrate`)
     ) -> nn.Module: ...
 
 
 @dataclass
 class ApplyReport:
-    """What apply_plan did: replaced layers, folded norms (and their s), layers that kept a runtime pre-scale."""
+    """What apply_plan did: replaced layers, folded norms (and their s), layers that kept a runtime pre-scale,
+    and the resolved spec of every quantized layer (so no caller resolves the plan again)."""
 
     replaced: list[str] = field(default_factory=list)
     folded: dict[str, list[str]] = field(default_factory=dict)  # norm -> layers sharing its scale
     prescaled: list[str] = field(default_factory=list)
     cost: PlanCost | None = None
     norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> s [K] divided out of it
+    specs: dict[str, LayerSpec] = field(default_factory=dict)  # quantized layer -> its spec, in module order
 
 
 @dataclass
@@ -81,15 +85,17 @@ def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: linear_shape(m) for name, m in quantizable_modules(model).items()}
 
 
-def validate_plan(model: nn.Module, plan: Plan) -> PlanCost:
-    """Check that `plan` fits `model` (names, group sizes) before any work is done; returns its cost."""
-    resolve_plan(model, plan)
-    return plan.cost(layer_shapes(model))
+def validate_plan(model: nn.Module, plan: Plan, resolved: Mapping[str, LayerSpec] | None = None) -> PlanCost:
+    """Check that `plan` fits `model` (names, group sizes) before any work is done; returns its cost.
+    `resolved`: the plan's `resolve_plan(model, plan)`, when the caller has it."""
+    specs = resolve_plan(model, plan) if resolved is None else resolved
+    return specs_cost(specs, layer_shapes(model))
 
 
-def needs_calibration(model: nn.Module, plan: Plan) -> bool:
+def needs_calibration(model: nn.Module, plan: Plan, resolved: Mapping[str, LayerSpec] | None = None) -> bool:
     """True when some layer of `model` gets a static or equalized activation scheme under `plan`."""
-    return any(s.scheme.act.needs_calibration for s in resolve_plan(model, plan).values() if s.scheme.quantized)
+    specs = resolve_plan(model, plan) if resolved is None else resolved
+    return any(s.scheme.act.needs_calibration for s in specs.values() if s.scheme.quantized)
 
 
 def resolve_plan(model: nn.Module, plan: Plan) -> dict[str, LayerSpec]:
@@ -112,23 +118,26 @@ def apply_plan(
     batch_size: int = 8,
     quantize_activations: bool = True,
     module_factory: ModuleFactory | None = None,
+    resolved: Mapping[str, LayerSpec] | None = None,
 ) -> ApplyReport:
     """Swap the layers the plan targets for FakeQuantLinear modules (or `module_factory`'s), in place.
 
     `calibration` ([samples, seq_len] token ids, or an object with `.tokens`) is needed when any targeted
     layer uses a8-static, a8-lae or a8-smooth. `quantize_activations=False` keeps the equalization but
-    simulates activations in float (isolates the equalization transform; FakeQuantLinear only).
+    simulates activations in float (isolates the equalization transform; FakeQuantLinear only). `resolved` is
+    `resolve_plan(model, plan)` when the caller has it; the report's `specs` hand the resolved specs on.
     """
     if module_factory is None:
         module_factory = partial(FakeQuantLinear, quantize_activations=quantize_activations)
     elif not quantize_activations:
         raise ValueError("quantize_activations=False applies to the FakeQuantLinear simulation only")
-    report = ApplyReport(cost=validate_plan(model, plan))
-    specs = {n: s for n, s in resolve_plan(model, plan).items() if s.scheme.quantized}
+    resolved = resolve_plan(model, plan) if resolved is None else resolved
+    specs = {n: s for n, s in resolved.items() if s.scheme.quantized}
+    report = ApplyReport(cost=validate_plan(model, plan, resolved), specs=specs)
     need_stats = [n for n, s in specs.items() if s.scheme.act.needs_calibration]
     stats = CalibrationStats({}, {})
     if need_stats:
-        tokens = _calibration_tokens(calibration, plan, need_stats)
+        tokens = _calibration_tokens(calibration, [specs[n] for n in need_stats])
         stats = collect_input_stats(model, tokens, need_stats, batch_size=batch_size)
     modules = dict(model.named_modules())
     scales = _equalization_scales(modules, specs, stats, report)
@@ -143,10 +152,10 @@ def apply_plan(
     return report
 
 
-def _calibration_tokens(calibration: Any, plan: Plan, names: list[str]) -> torch.Tensor:
+def _calibration_tokens(calibration: Any, specs: list[LayerSpec]) -> torch.Tensor:
     tokens = getattr(calibration, "tokens", calibration)
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.numel() == 0:
-        schemes = sorted({str(plan.resolve(n).scheme.act) for n in names})
+        schemes = sorted({str(s.scheme.act) for s in specs})
         raise PlanError(
             f"the plan uses {', '.join(schemes)} which need calibration data; pass calibration tokens "
             "(on the command line: --calib-data)"
@@ -259,15 +268,13 @@ def _equalization_scales(
     return scales
 
 
-def _eq_key(spec: LayerSpec) -> tuple[ActScheme, float]:
-    return spec.scheme.act, spec.alpha if spec.scheme.act is ActScheme.SMOOTH else 0.0
+def _eq_key(spec: LayerSpec) -> tuple[Any, ...]:
+    return spec.scheme.act, act_handler(spec.scheme.act).equalization_key(spec.alpha)
 
 
 def _scale(spec: LayerSpec, x_absmax: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    if spec.scheme.act is ActScheme.LAE:
-        return lae_scales(x_absmax)
     w_absmax = torch.cat([w.detach().float() for w in weights]).abs().amax(0)  # [K] over all consumers
-    return smooth_scales(x_absmax, w_absmax, spec.alpha)
+    return act_handler(spec.scheme.act).equalization(x_absmax, w_absmax, spec.alpha)
 
 
 @torch.no_grad()
@@ -291,12 +298,12 @@ def _swap(
     weight = linear_weight(module).detach()
     if s is not None:
         weight = weight * s.to(weight.dtype)  # W' = W diag(s)
-    act_scale = None
+    params: dict[str, torch.Tensor] = {}
     if spec.scheme.act.needs_calibration and x_absmax is not None:
         x_eq = x_absmax if s is None else x_absmax / s  # max|X'| per channel, X' = X / s
-        act_scale = static_scale_from_absmax(x_eq.max())
+        params = act_handler(spec.scheme.act).calibrate(x_eq)
     prescaled = s is not None and name in report.prescaled
-    new = module_factory(weight, module.bias, spec, act_scale=act_scale, pre_scale=s if prescaled else None)
+    new = module_factory(weight, module.bias, spec, act_params=params, pre_scale=s if prescaled else None)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     report.replaced.append(name)

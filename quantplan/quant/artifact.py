@@ -16,9 +16,11 @@ cuts them back out in the same order. Biases and folded norms are not stored: th
 the biases, and `load_quantized` divides the base norm by the stored s exactly as `apply_plan` did.
 
 `materialize` runs `apply_plan` with `QuantLinear.from_float` as the module factory, so the artifact holds exactly
-what the fake-quant simulation simulates. `load_quantized` checks the format, every checksum and the base model's
-fingerprint, then builds every quantized module, and only then swaps the first one in: a refused artifact leaves
-the model untouched.
+what the fake-quant simulation simulates. That artifact is the first of the export formats (`EXPORT_FORMATS`,
+"quantplan"): `export` quantizes the same way and hands the quantized copy to the format registered under a name,
+so another format is one `register_export_format` call. `load_quantized` checks the format, every checksum and the
+base model's fingerprint, then builds every quantized module, and only then swaps the first one in: a refused
+artifact leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantplan.errors import ArtifactError, PlanError
+from quantplan.quant.act_handlers import act_handler, registered_param_names
 from quantplan.quant.apply import ApplyReport, apply_plan, resolve_plan, validate_plan
 from quantplan.quant.atomic import MARKER, check_destination, staging_dir
 from quantplan.quant.fingerprint import model_fingerprint
@@ -56,6 +59,7 @@ from quantplan.quant.schemes import LayerScheme
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "quantplan.artifact"
+ARTIFACT_FORMAT_NAME = "quantplan"  # its name among the export formats
 ARTIFACT_VERSION = 2  # 1: one safetensors entry per layer tensor and folded norm; 2: flat tensors per kind
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "quantized.safetensors"
@@ -63,7 +67,9 @@ MANIFEST_FILE = MARKER  # quant.atomic replaces only directories that hold it
 CHECKSUM_KEY = "manifest_sha256"
 HASHED_FILES = (PLAN_FILE, WEIGHTS_FILE)  # the manifest lists these; it checks itself with CHECKSUM_KEY
 PACKED_TENSORS = ("codes", "scales", "zeros")
-LAYER_TENSORS = (*PACKED_TENSORS, "act_scale", "inv_pre_scale")  # stored per quantized layer, in this order
+# Stored per quantized layer, in this order: the packed weight, its strategy's activation parameters (the built-in
+# strategies' static scale `act_scale`; a registered strategy's handler names its own), 1/s unless a norm took s.
+LAYER_TENSORS = (*PACKED_TENSORS, "act_scale", "inv_pre_scale")
 FLAT_TENSORS = (*LAYER_TENSORS, "equalization")  # the tensors of the weights file; equalization: per folded norm
 
 Measure = Callable[[Path], Mapping[str, Any]]
@@ -100,10 +106,14 @@ class ArtifactInfo:
 
 
 # -- materialize --------------------------------------------------------------------------------------------
-def check_materializable(model: nn.Module, plan: Plan) -> dict[str, LayerSpec]:
-    """The specs of the layers `plan` quantizes; PlanError when it does not fit `model` or a layer has no kernel."""
-    validate_plan(model, plan)
-    specs = {n: s for n, s in resolve_plan(model, plan).items() if s.scheme.quantized}
+def check_materializable(
+    model: nn.Module, plan: Plan, resolved: Mapping[str, LayerSpec] | None = None
+) -> dict[str, LayerSpec]:
+    """The specs of the layers `plan` quantizes; PlanError when it does not fit `model` or a layer has no kernel.
+    `resolved`: `resolve_plan(model, plan)` when the caller has it."""
+    resolved = resolve_plan(model, plan) if resolved is None else resolved
+    validate_plan(model, plan, resolved)
+    specs = {n: s for n, s in resolved.items() if s.scheme.quantized}
     if not specs:
         raise PlanError("the plan quantizes no layer (every layer resolves to w16:a16): there is nothing to pack")
     refused: dict[str, list[str]] = {}  # reason -> layers
@@ -121,6 +131,88 @@ def check_materializable(model: nn.Module, plan: Plan) -> dict[str, LayerSpec]:
     return specs
 
 
+@dataclass
+class ExportJob:
+    """What an export format writes from: the plan, quantized once (QuantLinear layers) on a copy of the model."""
+
+    model: nn.Module  # the base model, untouched
+    quantized: nn.Module  # the copy holding QuantLinear layers (and the folded norms)
+    plan: Plan
+    report: ApplyReport  # replaced layers, folded norms and their s, the resolved specs, the plan's cost
+    base_model: Mapping[str, Any]  # identity (name, revision, architecture) and fingerprint
+    calibration: Any
+    measure: Measure | None = None  # formats that can be loaded back call it with the staged directory
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A registered way to write a quantized model: `write(job, staging_dir)` fills a fresh directory that
+    `export` then renames into place (so a failure leaves nothing)."""
+
+    name: str
+    write: Callable[[ExportJob, Path], None]
+    description: str = ""
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_export_format(fmt: ExportFormat) -> ExportFormat:
+    if fmt.name in EXPORT_FORMATS:
+        raise ArtifactError(f"export format {fmt.name!r} is already registered")
+    EXPORT_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def unregister_export_format(name: str) -> None:
+    if name == ARTIFACT_FORMAT_NAME:
+        raise ArtifactError(f"{name!r} is the built-in artifact format and cannot be unregistered")
+    EXPORT_FORMATS.pop(name, None)
+
+
+def export_format(name: str) -> ExportFormat:
+    fmt = EXPORT_FORMATS.get(name)
+    if fmt is None:
+        raise ArtifactError(f"unknown export format {name!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    return fmt
+
+
+def export(
+    model: nn.Module,
+    plan: Plan,
+    calibration: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    format: str = "quantplan",  # noqa: A002 - the user-facing word
+    model_info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    measure: Measure | None = None,
+    resolved: Mapping[str, LayerSpec] | None = None,
+) -> Path:
+    """Calibrate, quantize and pack `plan` on a copy of `model` (left untouched), then write it in `format` into
+    `out_dir` (staged in a temporary sibling directory and renamed). Arguments as `materialize`'s."""
+    fmt = export_format(format)
+    out = Path(out_dir)
+    check_destination(out, overwrite)  # before the expensive part; staging_dir checks again
+    resolved = resolve_plan(model, plan) if resolved is None else resolved
+    check_materializable(model, plan, resolved)
+    fingerprint = model_fingerprint(model)
+    if plan.model.fingerprint and plan.model.fingerprint != fingerprint:
+        log.warning("the plan was made for model fingerprint %.12s, this model's is %.12s", plan.model.fingerprint,
+                    fingerprint)
+    work = copy.deepcopy(model)
+    report = apply_plan(work, plan, calibration, batch_size=batch_size, module_factory=QuantLinear.from_float,
+                        resolved=resolved)
+    base_model = {**_default_identity(model, plan), **(model_info or {}), "fingerprint": fingerprint}
+    job = ExportJob(model, work, plan, report, base_model, calibration, measure)
+    del work
+    with staging_dir(out, overwrite) as tmp:
+        fmt.write(job, tmp)
+    return out
+
+
 def materialize(
     model: nn.Module,
     plan: Plan,
@@ -131,36 +223,36 @@ def materialize(
     overwrite: bool = False,
     batch_size: int = 8,
     measure: Measure | None = None,
+    resolved: Mapping[str, LayerSpec] | None = None,
 ) -> ArtifactInfo:
     """Calibrate, quantize and pack `plan` on a copy of `model` (left untouched) into the artifact `out_dir`.
 
     `calibration` is what `apply_plan` takes (token ids, a CalibrationSet, or None when no layer needs static
     scales or equalization). The artifact is written to a temporary sibling directory and renamed, so a failure
     leaves nothing. `measure`, if given, is called with the complete staged artifact and returns metrics
-    (perplexity, kl, ...) that are recorded in the manifest before the rename.
+    (perplexity, kl, ...) that are recorded in the manifest before the rename. `resolved`: the plan's
+    `resolve_plan(model, plan)` when the caller has it (nothing resolves the plan again).
     """
-    out = Path(out_dir)
-    check_destination(out, overwrite)  # before the expensive part; staging_dir checks again
-    check_materializable(model, plan)
-    fingerprint = model_fingerprint(model)
-    if plan.model.fingerprint and plan.model.fingerprint != fingerprint:
-        log.warning("the plan was made for model fingerprint %.12s, this model's is %.12s", plan.model.fingerprint,
-                    fingerprint)
-    work = copy.deepcopy(model)
-    report = apply_plan(work, plan, calibration, batch_size=batch_size, module_factory=QuantLinear.from_float)
-    tensors, layers = _artifact_tensors(work, report)
-    del work
-    base_model = {**_default_identity(model, plan), **(model_info or {}), "fingerprint": fingerprint}
-    with staging_dir(out, overwrite) as tmp:
-        atomic_write_text(tmp / PLAN_FILE, plan.to_json())
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=_weights_metadata(_index(layers, report.folded)))
-        files = {name: _file_entry(tmp / name) for name in HASHED_FILES}
-        _write_manifest(tmp, _manifest(base_model, report, layers, tensors, files, calibration))
-        if measure is not None:
-            record_metrics(tmp, measure(tmp))
+    out = export(model, plan, calibration, out_dir, format=ARTIFACT_FORMAT_NAME, model_info=model_info,
+                 overwrite=overwrite, batch_size=batch_size, measure=measure, resolved=resolved)
     info = read_manifest(out)
     log.info("materialized %d layers into %s (%s bytes of weights)", len(info.layers), out, info.metrics["bytes"])
     return info
+
+
+def _write_artifact(job: ExportJob, tmp: Path) -> None:
+    """The "quantplan" export format: plan.json, quantized.safetensors and manifest.json (docs/ARTIFACTS.md)."""
+    tensors, layers = _artifact_tensors(job.quantized, job.report)
+    atomic_write_text(tmp / PLAN_FILE, job.plan.to_json())
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=_weights_metadata(_index(layers, job.report.folded)))
+    files = {name: _file_entry(tmp / name) for name in HASHED_FILES}
+    _write_manifest(tmp, _manifest(job.base_model, job.report, layers, tensors, files, job.calibration))
+    if job.measure is not None:
+        record_metrics(tmp, job.measure(tmp))
+
+
+register_export_format(ExportFormat(ARTIFACT_FORMAT_NAME, _write_artifact, "packed weights for QuantLinear "
+                                    "(Triton on CUDA, torch on the CPU): docs/ARTIFACTS.md"))
 
 
 def _default_identity(model: nn.Module, plan: Plan) -> dict[str, Any]:
@@ -178,21 +270,24 @@ def _artifact_tensors(work: nn.Module, report: ApplyReport) -> tuple[dict[str, t
     for name in sorted(report.replaced):
         layer = modules[name]
         assert isinstance(layer, QuantLinear), f"{name} was built by QuantLinear.from_float"
-        keys = (*layer.packed.tensors(), *_layer_extras(layer.scheme, name in folded))
-        held = [k for k in LAYER_TENSORS if getattr(layer, k) is not None]
-        assert held == list(keys), f"{name} holds {held}; the layout stores {keys}"
+        keys = (*layer.packed.tensors(), *_layer_extras(layer.scheme, layer.in_features, name in folded))
+        held = layer.stored_tensors()
+        assert list(held) == list(keys), f"{name} holds {list(held)}; the layout stores {keys}"
         layers[name] = str(layer.scheme)
-        for key in keys:
-            parts[key].append(getattr(layer, key))
+        for key, t in held.items():
+            parts.setdefault(key, []).append(t)
     for norm in sorted(report.folded):
         parts["equalization"].append(report.norm_scales[norm].float())  # fp32, as apply_plan made it
     return {k: _concat(k, pieces) for k, pieces in parts.items() if pieces}, layers
 
 
-def _layer_extras(scheme: LayerScheme, folded: bool) -> tuple[str, ...]:
-    """What a layer stores beside its packed weight: a static activation scale, and 1/s unless a norm took s."""
-    act_scale = ("act_scale",) if scheme.act.needs_calibration else ()
-    return act_scale + (("inv_pre_scale",) if scheme.act.equalized and not folded else ())
+def _layer_extras(scheme: LayerScheme, in_features: int, folded: bool) -> dict[str, tuple[int, ...]]:
+    """What a layer stores beside its packed weight, with shapes: its strategy's activation parameters (a static
+    scale [1] for the built-in calibrated ones), and 1/s [K] unless a norm took s."""
+    extras = dict(act_handler(scheme.act).param_shapes(in_features))
+    if scheme.act.equalized and not folded:
+        extras["inv_pre_scale"] = (in_features,)
+    return extras
 
 
 def _concat(key: str, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -426,9 +521,8 @@ def _read_weights(
         if meta.get("index_sha256") != hashlib.sha256(_canonical(index).encode()).hexdigest():
             raise ArtifactError(f"{path} was laid out for other layers than its manifest lists: {_corrupted()}")
         reader = _FlatReader(path, {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - not a mapping
-    packed_meta = {"format": meta["packed_format"], "version": meta["packed_version"]}
     folded = {n for consumers in norms.values() for n in consumers}
-    built = {n: _build_layer(n, LayerScheme.parse(scheme), reader, modules, packed_meta, n in folded, backend)
+    built = {n: _build_layer(n, LayerScheme.parse(scheme), reader, modules, n in folded, backend)
              for n, scheme in sorted(info.layers.items())}
     new_norms = {n: _folded_norm(n, reader, modules) for n in sorted(norms)}
     reader.finish()
@@ -439,7 +533,8 @@ class _FlatReader:
     """Cuts consecutive pieces out of the flat tensors of a weights file; refuses to run short or leave any over."""
 
     def __init__(self, path: Path, flat: Mapping[str, torch.Tensor]) -> None:
-        odd = sorted(k for k, t in flat.items() if k not in FLAT_TENSORS or t.ndim != 1)
+        known = {*FLAT_TENSORS, *registered_param_names()}
+        odd = sorted(k for k, t in flat.items() if k not in known or t.ndim != 1)
         if odd:
             raise ArtifactError(f"{path} holds tensors this format does not lay out ({', '.join(odd)}): {_corrupted()}")
         self.path, self.flat, self.used = path, dict(flat), dict.fromkeys(flat, 0)
@@ -466,7 +561,6 @@ def _build_layer(
     scheme: LayerScheme,
     reader: _FlatReader,
     modules: Mapping[str, nn.Module],
-    packed_meta: Mapping[str, str],
     folded: bool,
     backend: str | None,
 ) -> QuantLinear:
@@ -474,13 +568,12 @@ def _build_layer(
     if not isinstance(module, LINEAR_TYPES):
         raise ArtifactError(f"the artifact quantizes {name}, which is not a linear layer of this model")
     n, k = linear_shape(module)
-    own = {key: reader.take(key, shape, name) for key, shape in packed_shapes(scheme.weight, n, k).items()}
-    packed = PackedWeight.from_tensors(own, {**packed_meta, "scheme": str(scheme.weight), "in_features": str(k)})
-    extra = {key: reader.take(key, (1,) if key == "act_scale" else (k,), name) for key in _layer_extras(scheme, folded)}
     device = next(module.parameters()).device
-    extra = {key: t.to(device) for key, t in extra.items()}
-    return QuantLinear(packed.to(device), scheme.act, module.bias, act_scale=extra.get("act_scale"),
-                       inv_pre_scale=extra.get("inv_pre_scale"), backend=backend)
+    own = {key: reader.take(key, shape, name).to(device) for key, shape in packed_shapes(scheme.weight, n, k).items()}
+    packed = PackedWeight(own["codes"], own["scales"], own.get("zeros"), k, scheme.weight)  # format checked per file
+    extra = {key: reader.take(key, shape, name).to(device) for key, shape in _layer_extras(scheme, k, folded).items()}
+    pre = extra.pop("inv_pre_scale", None)
+    return QuantLinear(packed, scheme.act, module.bias, act_params=extra, inv_pre_scale=pre, backend=backend)
 
 
 def _folded_norm(norm: str, reader: _FlatReader, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:

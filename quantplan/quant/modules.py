@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantplan.quant.act_handlers import ActParams, act_handler
 from quantplan.quant.plan import LayerSpec
-from quantplan.quant.quantizers import fake_quantize_act, fake_quantize_weight
+from quantplan.quant.quantizers import fake_quantize_weight
 from quantplan.quant.schemes import ActScheme
 
 try:  # GPT-2 style layers store the weight transposed ([in, out]) in a Conv1D
@@ -38,7 +39,9 @@ class FakeQuantLinear(nn.Module):
     """y = Q_a(x / s) @ Q_w(W diag(s))^T + b, simulated in float.
 
     `s` (equalization) is applied here only when it could not be folded into a preceding norm
-    (`pre_scale`); a folded `s` is already in the norm and in the stored weight.
+    (`pre_scale`); a folded `s` is already in the norm and in the stored weight. Q_a is the activation
+    strategy's handler (`quant.act_handlers`), fed the layer's calibrated parameters (`act_params`, buffers by
+    their names; `act_scale` is the static per-tensor scale of the built-in strategies).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class FakeQuantLinear(nn.Module):
         act_scale: torch.Tensor | None = None,
         pre_scale: torch.Tensor | None = None,
         quantize_activations: bool = True,
+        act_params: ActParams | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -58,17 +62,27 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(w, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.act = spec.scheme.act if quantize_activations else ActScheme.A16
-        self.register_buffer("act_scale", act_scale)
+        self.handler = act_handler(self.act)
+        params = {**({} if act_scale is None else {"act_scale": act_scale}), **(act_params or {})}
+        self.register_buffer("act_scale", params.pop("act_scale", None))
+        for key, value in params.items():
+            self.register_buffer(key, value)
+        self._param_names = ("act_scale", *params)
         self.register_buffer("inv_pre_scale", None if pre_scale is None else (1.0 / pre_scale).to(weight.dtype))
 
     @classmethod
     def from_module(cls, module: nn.Module, spec: LayerSpec, **kwargs: object) -> FakeQuantLinear:
         return cls(linear_weight(module), module.bias, spec, **kwargs)  # type: ignore[arg-type]
 
+    @property
+    def act_params(self) -> dict[str, torch.Tensor]:
+        """The calibrated activation parameters by name (those that are set)."""
+        return {k: t for k in self._param_names if (t := getattr(self, k)) is not None}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.inv_pre_scale is not None:
             x = x * self.inv_pre_scale
-        x = fake_quantize_act(x, self.act, self.act_scale)
+        x = self.handler.fake_quantize(x, self.act_params)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

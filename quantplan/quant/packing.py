@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from quantplan.errors import QuantPlanError
+from quantplan.quant.kernels.served import PACKED_BITS as PACKABLE_BITS  # widths that tile a 32-bit word
 from quantplan.quant.quantizers import QuantizedWeight
 from quantplan.quant.schemes import WeightScheme
 
 FORMAT_NAME = "quantplan.packed-weight"
 FORMAT_VERSION = 1
-PACKABLE_BITS = (2, 4, 8)  # widths that tile a 32-bit word; w3 has no packed format
 WORD_BITS = 32
 
 

@@ -143,6 +143,11 @@ def weight_cost(scheme: WeightScheme, out_features: int, in_features: int, name:
     return LayerCost(n * k, n * groups * g * scheme.bits, n * groups * SCALE_BITS, n * groups * scheme.zero_bits)
 
 
+def specs_cost(specs: Mapping[str, LayerSpec], shapes: Mapping[str, tuple[int, int]]) -> PlanCost:
+    """`Plan.cost` for specs already resolved (name -> spec for every name of `shapes`)."""
+    return PlanCost({name: weight_cost(specs[name].scheme.weight, n, k, name) for name, (n, k) in shapes.items()})
+
+
 @dataclass(frozen=True)
 class Plan:
     """An ordered map from module name (or `re:` pattern) to a LayerSpec, with a default."""
@@ -192,9 +197,7 @@ class Plan:
 
     def cost(self, shapes: Mapping[str, tuple[int, int]]) -> PlanCost:
         """Exact storage of the quantizable layers `shapes` (name -> (out_features, in_features))."""
-        return PlanCost(
-            {name: weight_cost(self.resolve(name).scheme.weight, n, k, name) for name, (n, k) in shapes.items()}
-        )
+        return specs_cost({name: self.resolve(name) for name in shapes}, shapes)
 
     def unused_keys(self, names: Iterable[str]) -> list[str]:
         """Plan keys that match none of `names` (usually a typo in a module name)."""

@@ -1,17 +1,21 @@
 """QuantLinear: a linear layer computed from packed weights by the quantized kernels (Triton on CUDA, torch on the CPU).
 
 It computes what `quant.modules.FakeQuantLinear` simulates, `y = Q_a(x / s) @ Q_w(W diag(s))^T + b`, with the
-same scheme, activation scale and pre-scale, but in integer arithmetic from the stored codes: the two agree to
-float rounding, so the search optimizes what is deployed.
+same scheme, activation parameters and pre-scale, but in integer arithmetic from the stored codes: the two agree
+to float rounding, so the search optimizes what is deployed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-from quantplan.quant.kernels.dispatch import quantized_linear, select_kernel
-from quantplan.quant.kernels.runtime import KernelInputError, resolve_backend
+from quantplan.quant.act_handlers import ActParams, act_handler
+from quantplan.quant.kernels.dispatch import Kernel, quantized_linear, select_kernel, weight_row_sums
+from quantplan.quant.kernels.runtime import resolve_backend
 from quantplan.quant.packing import PackedWeight, pack_weight
 from quantplan.quant.plan import LayerSpec
 from quantplan.quant.quantizers import quantize_weight
@@ -19,12 +23,14 @@ from quantplan.quant.schemes import ActScheme, LayerScheme
 
 
 class QuantLinear(nn.Module):
-    """Packed weights (buffers `codes`, `scales`, `zeros`) plus the activation scheme and its scales.
+    """Packed weights (buffers `codes`, `scales`, `zeros`) plus the activation strategy and its parameters.
 
-    On the torch backend the first forward keeps the weight unpacked in the layout the torch path multiplies
-    (int8, 1 byte per weight; int16 for asymmetric w8 at a16; nothing for w8a8, whose codes are already int8),
-    so later calls skip unpacking. It is not part of the state dict and is rebuilt when the codes move, are
-    loaded, or (outside inference mode) change in place.
+    Everything a forward needs is decided once, when the layer is built: the kernel, the activation strategy's
+    handler, the (validated) packed weight, and on the torch backend the weight in the layout the torch path
+    multiplies (int8, 1 byte per weight; int16 for asymmetric w8 at a16; nothing for w8a8, whose codes are
+    already int8), prepared at the first forward. The prepared layout is not part of the state dict and is
+    rebuilt when the codes move, are loaded, or (outside inference mode) change in place. The activation
+    parameters are buffers under their names (`act_scale`: the static scale of the built-in strategies).
     """
 
     def __init__(
@@ -36,21 +42,31 @@ class QuantLinear(nn.Module):
         act_scale: torch.Tensor | None = None,
         inv_pre_scale: torch.Tensor | None = None,
         backend: str | None = None,
+        act_params: ActParams | None = None,
+        kernel: Kernel | None = None,
     ) -> None:
         super().__init__()
         self.scheme = LayerScheme(packed.scheme, act)
-        self.kernel = select_kernel(self.scheme)  # unsupported schemes fail here, not at the first forward
-        if act.needs_calibration and act_scale is None:
-            raise KernelInputError(f"{act} needs a calibrated activation scale (act_scale); calibrate the layer first")
+        self.kernel = kernel or select_kernel(self.scheme)  # unsupported schemes fail here, not at the first forward
+        self.handler = act_handler(act)
+        params = {**({} if act_scale is None else {"act_scale": act_scale.detach().float()}), **(act_params or {})}
+        if self.kernel.int8_activations:
+            self.handler.check_params(params, packed.in_features)
+        shapes = self.handler.param_shapes(packed.in_features)
+        params = {k: v.detach().reshape(shapes[k]) if k in shapes else v.detach() for k, v in params.items()}
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.backend = backend
         self.register_buffer("codes", packed.codes)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("zeros", packed.zeros)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("act_scale", None if act_scale is None else act_scale.detach().float().reshape(1))
+        self.register_buffer("act_scale", params.pop("act_scale", None))
+        for key, value in params.items():
+            self.register_buffer(key, value)
+        self._param_names = ("act_scale", *params)
         self.register_buffer("inv_pre_scale", inv_pre_scale)
-        self._prepared: tuple[tuple[int, torch.device, int], torch.Tensor] | None = None
+        self._packed = packed
+        self._prepared: dict[str, tuple[tuple[int, torch.device, int], torch.Tensor]] = {}
         self.register_load_state_dict_post_hook(QuantLinear._forget_prepared)
 
     @classmethod
@@ -63,41 +79,61 @@ class QuantLinear(nn.Module):
         act_scale: torch.Tensor | None = None,
         pre_scale: torch.Tensor | None = None,
         backend: str | None = None,
+        act_params: ActParams | None = None,
     ) -> QuantLinear:
         """Quantize and pack `weight` [N, K] (already multiplied by the equalization s, as FakeQuantLinear takes it)."""
-        select_kernel(spec.scheme)
+        kernel = select_kernel(spec.scheme)  # before the quantization work
         packed = pack_weight(quantize_weight(weight.detach(), spec.scheme.weight, spec.clip))
         inv = None if pre_scale is None else (1.0 / pre_scale).to(weight.dtype)  # as FakeQuantLinear rounds it
-        return cls(packed, spec.scheme.act, bias, act_scale=act_scale, inv_pre_scale=inv, backend=backend)
+        return cls(packed, spec.scheme.act, bias, act_scale=act_scale, inv_pre_scale=inv, backend=backend,
+                   act_params=act_params, kernel=kernel)
 
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(self.codes, self.scales, self.zeros, self.in_features, self.scheme.weight)
+        return self._packed
+
+    @property
+    def act_params(self) -> dict[str, torch.Tensor]:
+        """The calibrated activation parameters by name (those that are set)."""
+        return {k: t for k in self._param_names if (t := getattr(self, k)) is not None}
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """What an artifact stores for this layer, in its order: packed weight, activation parameters, 1/s."""
+        pre = {} if self.inv_pre_scale is None else {"inv_pre_scale": self.inv_pre_scale}
+        return {**self._packed.tensors(), **self.act_params, **pre}
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> QuantLinear:
+        super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), ... replace the buffers: re-wrap them once
+        self._packed = PackedWeight(self.codes, self.scales, self.zeros, self.in_features, self.scheme.weight)
+        self._prepared = {}
+        return self
 
     def _forget_prepared(self, incompatible_keys: object) -> None:
-        self._prepared = None  # load_state_dict copies into the same storage: data_ptr alone would not notice
+        self._prepared = {}  # load_state_dict copies into the same storage: data_ptr alone would not notice
 
-    def _torch_weight(self) -> torch.Tensor | None:
-        """The kernel's torch-path weight layout, prepared once per codes tensor (None: it needs none)."""
-        if self.kernel.prepare is None:
-            return None
+    def _cached(self, what: str, make: Callable[[PackedWeight], torch.Tensor]) -> torch.Tensor:
+        """`make(packed)`, computed once per codes tensor (its storage, device and version)."""
         version = -1 if self.codes.is_inference() else self.codes._version  # inference tensors keep no counter
         key = (self.codes.data_ptr(), self.codes.device, version)
-        if self._prepared is None or self._prepared[0] != key:
-            self._prepared = (key, self.kernel.prepare(self.packed))
-        return self._prepared[1]
+        hit = self._prepared.get(what)
+        if hit is None or hit[0] != key:
+            hit = self._prepared[what] = (key, make(self._packed))
+        return hit[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         on_torch = resolve_backend(x.device, self.backend) == "torch"
+        prepare = self.kernel.prepare
         return quantized_linear(
             x,
-            self.packed,
+            self._packed,
             self.scheme.act,
-            act_scale=self.act_scale,
             inv_pre_scale=self.inv_pre_scale,
             bias=self.bias,
             backend=self.backend,
-            prepared=self._torch_weight() if on_torch else None,
+            prepared=self._cached("weight", prepare) if on_torch and prepare is not None else None,
+            kernel=self.kernel,
+            act_params=self.act_params,
+            row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
         )
 
     def extra_repr(self) -> str:

@@ -149,10 +149,11 @@ def quantize_act_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize_act(x: torch.Tensor, scheme: ActScheme, static_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Simulate int8 activation quantization of x (already equalized for a8-lae/a8-smooth)."""
-    if scheme is ActScheme.A16:
+    """Simulate symmetric int8 activation quantization of x (already equalized for a8-lae/a8-smooth): per token
+    when the scheme says so, else with the calibrated per-tensor scale. Other strategies: `quant.act_handlers`."""
+    if not scheme.quantized:
         return x
-    if scheme is ActScheme.DYNAMIC:
+    if scheme.per_token:
         scale = act_scale_per_token(x)
     elif static_scale is None:
         raise SchemeError(f"{scheme} needs a calibrated static scale; apply the plan with calibration data")

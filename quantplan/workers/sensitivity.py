@@ -20,31 +20,29 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantplan.quant.act_handlers import act_handler
 from quantplan.quant.apply import quantizable_modules, trace_feeders
 from quantplan.quant.modules import linear_layout, linear_shape
 from quantplan.quant.quantizers import (  # _round_scale: the stored fp16 scale, as quantize_weight rounds it
-    ACT_QMAX,
     _round_scale,
-    act_scale_per_token,
     fake_quantize_weight,
-    lae_scales,
-    smooth_scales,
-    static_scale_from_absmax,
 )
-from quantplan.quant.schemes import ActScheme, WeightScheme
+from quantplan.quant.schemes import ActScheme, ActSchemes, WeightScheme
 from quantplan.workers.table import LayerSensitivity, SensitivityTable
 
 WEIGHT_SCHEMES: tuple[WeightScheme, ...] = tuple(
     WeightScheme(b, g, a) for b, g, a in itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (False, True))
 )
-ACT_SCHEMES: tuple[ActScheme, ...] = (ActScheme.STATIC, ActScheme.DYNAMIC, ActScheme.LAE, ActScheme.SMOOTH)
+# Every registered quantized activation strategy (a8-static, a8-dynamic, a8-lae, a8-smooth, then registered ones),
+# read live: activation costs are [len(ACT_SCHEMES)] vectors in this order.
+ACT_SCHEMES: ActSchemes = ActSchemes(quantized=True)
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 HIST_LOG10 = (-8.0, 6.0)  # |x| histogram over log10 range, 1024 equal bins (+ under/overflow), mergeable
 HIST_BINS = 1024
@@ -171,30 +169,39 @@ def percentile_from_hist(hist: torch.Tensor, q: float) -> float:
 
 # -- activation quantizers used for the cost (the same arithmetic as the fake-quant modules) ---------------
 @dataclass(frozen=True)
-class ActQuantParams:
-    """What each activation scheme needs for one layer: static scales and equalization vectors."""
+class StrategyParams:
+    """One strategy's parameters for one layer: its equalization s (equalizing strategies) and the tensors its
+    handler calibrated (e.g. the static scale `act_scale` of X / s)."""
 
-    static_scale: torch.Tensor  # scalar: max|X| / 127
-    lae_s: torch.Tensor  # [K]
-    lae_scale: torch.Tensor  # scalar static scale of X / lae_s
-    smooth_s: torch.Tensor  # [K]
-    smooth_scale: torch.Tensor  # scalar static scale of X / smooth_s
+    s: torch.Tensor | None  # [K]
+    params: Mapping[str, torch.Tensor]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return ([] if self.s is None else [self.s]) + list(self.params.values())
+
+
+@dataclass(frozen=True)
+class ActQuantParams:
+    """What each activation strategy needs for one layer, by strategy."""
+
+    by_scheme: Mapping[ActScheme, StrategyParams]
+
+    def __getitem__(self, scheme: ActScheme) -> StrategyParams:
+        return self.by_scheme[scheme]
 
 
 def act_quant_params(
     channel_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.5
 ) -> ActQuantParams:
-    """Scales for every activation scheme from calibration statistics (w_absmax: per input channel, over all
-    layers sharing the input, as apply_plan folds them)."""
-    lae_s = lae_scales(channel_absmax)
-    smooth_s = smooth_scales(channel_absmax, w_absmax, alpha)
-    return ActQuantParams(
-        static_scale=static_scale_from_absmax(channel_absmax.max()),
-        lae_s=lae_s,
-        lae_scale=static_scale_from_absmax((channel_absmax / lae_s).max()),
-        smooth_s=smooth_s,
-        smooth_scale=static_scale_from_absmax((channel_absmax / smooth_s).max()),
-    )
+    """Parameters of every activation strategy from calibration statistics, as apply_plan computes them
+    (w_absmax: per input channel, over all layers sharing the input, as apply_plan folds them)."""
+    out: dict[ActScheme, StrategyParams] = {}
+    for scheme in ACT_SCHEMES:
+        handler = act_handler(scheme)
+        s = handler.equalization(channel_absmax, w_absmax, alpha) if scheme.equalized else None
+        x_eq = channel_absmax if s is None else channel_absmax / s  # max|X / s| per channel
+        out[scheme] = StrategyParams(s, handler.calibrate(x_eq) if scheme.needs_calibration else {})
+    return ActQuantParams(out)
 
 
 def act_quant_error(x: torch.Tensor, scheme: ActScheme, p: ActQuantParams) -> torch.Tensor:
@@ -206,27 +213,20 @@ def act_quant_error(x: torch.Tensor, scheme: ActScheme, p: ActQuantParams) -> to
 def act_sq_errors(x: torch.Tensor, p: ActQuantParams) -> torch.Tensor:
     """(x - Q_a(x))^2 for every a in ACT_SCHEMES, [len(ACT_SCHEMES), *x.shape] float32."""
     x = x.float()
-    out = torch.empty((len(ACT_SCHEMES), *x.shape))
-    for e, a in zip(out, ACT_SCHEMES, strict=True):
+    schemes = tuple(ACT_SCHEMES)
+    out = torch.empty((len(schemes), *x.shape))
+    for e, a in zip(out, schemes, strict=True):
         _dequantized_act(e, x, a, p).sub_(x).square_()
     return out
 
 
 def _dequantized_act(out: torch.Tensor, x: torch.Tensor, scheme: ActScheme, p: ActQuantParams) -> torch.Tensor:
-    """Q_a(x) written into `out`: quantize_act_int8 then dequantize, the same float operations in place (the
-    int8 round trip of an integer in [-127, 127] is exact, so it is left out)."""
-    if scheme is ActScheme.DYNAMIC:
-        s, scale = None, act_scale_per_token(x)
-    elif scheme is ActScheme.STATIC:
-        s, scale = None, p.static_scale
-    else:
-        s, scale = (p.lae_s, p.lae_scale) if scheme is ActScheme.LAE else (p.smooth_s, p.smooth_scale)
-    if s is None:
-        torch.div(x, scale, out=out)
-    else:
-        torch.div(x, s, out=out).div_(scale)
-    out.round_().clamp_(-ACT_QMAX, ACT_QMAX).mul_(scale)
-    return out if s is None else out.mul_(s)
+    """Q_a(x) written into `out`: equalize, the strategy's simulation in place, and undo the equalization."""
+    sp, handler = p.by_scheme[scheme], act_handler(scheme)
+    if sp.s is None:
+        return handler.fake_quantize_into(out, x, sp.params)
+    torch.div(x, sp.s, out=out)
+    return handler.fake_quantize_into(out, out, sp.params).mul_(sp.s)
 
 
 # -- Fisher pass (forward + backward) --------------------------------------------------------------------
@@ -418,13 +418,18 @@ def _shared_params(params: Mapping[str, ActQuantParams]) -> dict[str, str]:
     shared: dict[str, str] = {}
     firsts: dict[tuple, list[str]] = {}
     for name, p in params.items():
-        sig = (float(p.static_scale), float(p.lae_scale), float(p.smooth_scale), tuple(p.lae_s.shape))
-        same = (o for o in firsts.get(sig, []) if all(torch.equal(getattr(p, f.name), getattr(params[o], f.name))
-                                                     for f in fields(p)))
+        tensors = _tensors(p)
+        sig = tuple(float(t) if t.numel() == 1 else tuple(t.shape) for t in tensors)
+        same = (o for o in firsts.get(sig, [])
+                if all(torch.equal(t, u) for t, u in zip(tensors, _tensors(params[o]), strict=True)))
         shared[name] = next(same, name)
         if shared[name] == name:
             firsts.setdefault(sig, []).append(name)
     return shared
+
+
+def _tensors(p: ActQuantParams) -> list[torch.Tensor]:
+    return [t for sp in p.by_scheme.values() for t in sp.tensors()]
 
 
 _FISHER_BMM_MAX = 1 << 20  # elements of [B, N, K] up to which per-micro-batch gradients are one bmm
@@ -639,7 +644,7 @@ def build_table(
             feeder=stats.feeders.get(name),
             weight_cost={"w16": 0.0, **{s: c.cost for s, c in costs[name].items()}},
             clip={s: c.clip for s, c in costs[name].items()},
-            act_cost={"a16": 0.0, **{a.value: float(v) for a, v in zip(ACT_SCHEMES, act, strict=True)}},
+            act_cost={"a16": 0.0, **{a.name: float(v) for a, v in zip(ACT_SCHEMES, act, strict=True)}},
             act_absmax=float(absmax.max()),
             act_percentiles={f"p{q:g}": percentile_from_hist(stats.hist[name], q) for q in PERCENTILES},
         ))

@@ -1,41 +1,58 @@
 """Kernel dispatch: which kernel computes a layer scheme and on which backend; unsupported combinations raise.
 
-`KERNELS` is the registry, tried in order: the first kernel whose `check` accepts the weight scheme (for the
-layer's activation width) runs it. A new kernel is a new entry. Backends: 'triton' (compiled on CUDA, interpreted
-on CPU tensors) and 'torch' (the references: the same integer arithmetic, `torch._int_mm` on the CPU); 'auto'
-picks Triton on CUDA and torch on the CPU. Nothing falls back silently: a scheme no kernel takes, a dtype no
-kernel handles, or a missing Triton raises a `KernelError` that says what to do.
+`KERNELS` pairs each row of the torch-free table `quant.kernels.served.SERVED` (which weight schemes a kernel
+takes, with int8 or float activations; the search space reads the same table) with its implementations, in the
+table's order: the first kernel that takes the weight scheme for the layer's activation width runs it. Backends:
+'triton' (compiled on CUDA, interpreted on CPU tensors) and 'torch' (the references: the same integer
+arithmetic, `torch._int_mm` on the CPU); 'auto' picks Triton on CUDA and torch on the CPU. Activations are
+quantized by their strategy's handler (`quant.act_handlers`), whatever the strategy. Nothing falls back
+silently: a scheme no kernel takes, a dtype no kernel handles, or a missing Triton raises a `KernelError` that
+says what to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from quantplan.quant.kernels import act_quant, w4a8, w4a16, w8a8
+from quantplan.quant.act_handlers import ActParams, act_handler
+from quantplan.quant.kernels import w4a8, w4a16, w8a8
 from quantplan.quant.kernels.runtime import KernelInputError, UnsupportedSchemeError, resolve_backend
-from quantplan.quant.packing import PackedWeight
+from quantplan.quant.kernels.served import Served, served
+from quantplan.quant.packing import PackedWeight, unpack_weight
+from quantplan.quant.quantizers import dequantize_weight
 from quantplan.quant.schemes import ActScheme, LayerScheme, WeightScheme
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One registered GEMM: which weights it takes, with int8 or float activations, and its two implementations."""
+    """One registered GEMM: its row of the served table and its two implementations."""
 
-    name: str
-    int8_activations: bool
-    check: Callable[[WeightScheme], None]  # raises UnsupportedSchemeError with the reason
+    serves: Served
     triton: Callable[..., torch.Tensor]
     torch: Callable[..., torch.Tensor]
     prepare: Callable[[PackedWeight], torch.Tensor] | None = None  # the torch path's weight layout, if it has one
 
+    @property
+    def name(self) -> str:
+        return self.serves.kernel
+
+    @property
+    def int8_activations(self) -> bool:
+        return self.serves.act_bits == 8
+
+    def check(self, scheme: WeightScheme) -> None:
+        reason = self.serves.refusal(scheme)
+        if reason is not None:
+            raise UnsupportedSchemeError(reason)
+
 
 KERNELS: tuple[Kernel, ...] = (
-    Kernel("w8a8", True, w8a8.check_supported, w8a8.w8a8_triton, w8a8.w8a8_ref),
-    Kernel("w4a8", True, w4a8.check_supported, w4a8.w4a8_triton, w4a8.w4a8_ref, w4a8.prepare),
-    Kernel("w4a16", False, w4a16.check_supported, w4a16.w4a16_triton, w4a16.w4a16_ref, w4a16.prepare),
+    Kernel(served("w8a8"), w8a8.w8a8_triton, w8a8.w8a8_ref),
+    Kernel(served("w4a8"), w4a8.w4a8_triton, w4a8.w4a8_ref, w4a8.prepare),
+    Kernel(served("w4a16"), w4a16.w4a16_triton, w4a16.w4a16_ref, w4a16.prepare),
 )
 
 
@@ -45,15 +62,19 @@ def select_kernel(scheme: LayerScheme) -> Kernel:
         raise UnsupportedSchemeError(
             f"{scheme}: w16 weights are not quantized; keep the layer as nn.Linear (activation-only int8 has no kernel)"
         )
-    int8 = scheme.act is not ActScheme.A16
     reasons = []
-    for kernel in (k for k in KERNELS if k.int8_activations == int8):
-        try:
-            kernel.check(scheme.weight)
+    for kernel in (k for k in KERNELS if k.serves.act_bits == scheme.act.bits):
+        reason = kernel.serves.refusal(scheme.weight)
+        if reason is None:
             return kernel
-        except UnsupportedSchemeError as e:
-            reasons.append(f"{kernel.name}: {e}")
+        reasons.append(f"{kernel.name}: {reason}")
+    if not reasons:
+        reasons.append(f"no kernel takes {scheme.act.bits}-bit activations")
     raise UnsupportedSchemeError(f"no kernel computes {scheme} ({'; '.join(reasons)})")
+
+
+def _static_params(act_scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {} if act_scale is None else {"act_scale": act_scale}
 
 
 def quantize_activations(
@@ -63,15 +84,14 @@ def quantize_activations(
     inv_pre_scale: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 codes, fp32 scales) under `act`: dynamic per token, or static with the calibrated scale."""
-    if act is ActScheme.A16:
-        raise UnsupportedSchemeError("a16 activations are not quantized")
-    static = None if act is ActScheme.DYNAMIC else act_scale
-    if act is not ActScheme.DYNAMIC and static is None:
-        raise KernelInputError(f"{act} needs a calibrated per-tensor activation scale (act_scale); calibrate first")
-    if resolve_backend(x.device, backend) == "triton":
-        return act_quant.quantize_act_triton(x, static, inv_pre_scale)
-    return act_quant.quantize_act_ref(x, static, inv_pre_scale)
+    """x [M, K] -> (int8 codes, fp32 scales) under `act` (its handler: dynamic per token, or static with the
+    calibrated scale, ...)."""
+    return act_handler(act).quantize(x, _static_params(act_scale), inv_pre_scale, backend)[:2]
+
+
+def weight_row_sums(pw: PackedWeight) -> torch.Tensor:
+    """sum_k W[n, k] of the dequantized weight, fp32 [N]: what an activation offset multiplies."""
+    return dequantize_weight(unpack_weight(pw)).sum(1)
 
 
 def quantized_linear(
@@ -85,13 +105,18 @@ def quantized_linear(
     out_dtype: torch.dtype | None = None,
     backend: str | None = None,
     prepared: torch.Tensor | None = None,
+    kernel: Kernel | None = None,
+    act_params: ActParams | None = None,
+    row_sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [..., N] = Q_a(x * inv_pre_scale) @ W^T + bias for x [..., K], in `out_dtype` (default: x's dtype).
 
-    `prepared` (the kernel's `prepare(pw)`, kept by the caller) spares the torch path unpacking the weight on
-    every call; the Triton path reads the packed codes.
+    `prepared` (the kernel's `prepare(pw)`), `kernel` (`select_kernel` of the scheme) and `row_sums` (for
+    strategies whose codes carry an offset: `weight_row_sums(pw)`) are what a caller such as QuantLinear keeps
+    from one call to the next; without them they are worked out here. `act_params` are the strategy's calibrated
+    tensors (`act_scale` is the static scale of the built-in strategies).
     """
-    kernel = select_kernel(LayerScheme(pw.scheme, act))
+    kernel = kernel or select_kernel(LayerScheme(pw.scheme, act))
     chosen = resolve_backend(x.device, backend)
     if x.ndim == 0 or x.shape[-1] != pw.in_features:
         raise KernelInputError(f"input of shape {tuple(x.shape)} does not end in in_features={pw.in_features}")
@@ -99,9 +124,13 @@ def quantized_linear(
     out_dtype = out_dtype or x.dtype
     extra = {"prepared": prepared} if chosen == "torch" and prepared is not None else {}
     run = kernel.triton if chosen == "triton" else kernel.torch
-    if kernel.int8_activations:
-        x_q, x_scale = quantize_activations(x2, act, act_scale, inv_pre_scale, chosen)
-        y = run(x_q, x_scale, pw, bias, out_dtype, **extra)
-    else:
+    if not kernel.int8_activations:
         y = run(x2 if inv_pre_scale is None else x2 * inv_pre_scale, pw, bias, out_dtype, **extra)
+        return y.reshape(*x.shape[:-1], pw.out_features)
+    params: Mapping[str, torch.Tensor] = act_params if act_params is not None else _static_params(act_scale)
+    x_q, x_scale, offset = act_handler(act).quantize(x2, params, inv_pre_scale, chosen)
+    y = run(x_q, x_scale, pw, bias, out_dtype, **extra)
+    if offset is not None:  # x = codes * scale + offset (per token): Y += offset sum_k W[n, k]
+        sums = weight_row_sums(pw) if row_sums is None else row_sums
+        y = y.float().add_(offset.reshape(-1, 1).float() * sums).to(out_dtype)
     return y.reshape(*x.shape[:-1], pw.out_features)

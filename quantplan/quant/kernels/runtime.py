@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from quantplan.errors import QuantPlanError
-from quantplan.quant.packing import PACKABLE_BITS, PackedWeight
-from quantplan.quant.schemes import WeightScheme
+from quantplan.quant.packing import PackedWeight
 
 try:
     import triton
@@ -182,15 +181,6 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise KernelInputError(f"all inputs must be on one device, got {where}")
-
-
-def require_packed_bits(scheme: WeightScheme) -> None:
-    """Raise UnsupportedSchemeError for weights without a packed format (w3, w16)."""
-    if scheme.bits not in PACKABLE_BITS:
-        raise UnsupportedSchemeError(
-            f"{scheme}: {scheme.bits}-bit weights have no packed format or kernel; quantized kernels take "
-            f"{', '.join(f'w{b}' for b in PACKABLE_BITS)} weights (keep other layers unquantized or fake-quantized)"
-        )
 
 
 def check_out_dtype(out_dtype: torch.dtype) -> torch.dtype:

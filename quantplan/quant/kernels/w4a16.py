@@ -19,6 +19,7 @@ from quantplan.quant.kernels.runtime import (
     GROUP_M,
     KernelInputError,
     TileConfig,
+    UnsupportedSchemeError,
     autotuned,
     cdiv,
     check_bias,
@@ -30,9 +31,9 @@ from quantplan.quant.kernels.runtime import (
     m_bucket,
     next_pow2,
     output,
-    require_packed_bits,
     tl,
 )
+from quantplan.quant.kernels.served import served
 from quantplan.quant.packing import PackedWeight, centered_codes
 from quantplan.quant.schemes import WeightScheme
 
@@ -108,8 +109,10 @@ _w4a16_tuned = autotuned(_w4a16_kernel, CONFIGS, KEYS, prune)
 
 
 def check_supported(scheme: WeightScheme) -> None:
-    """Raise UnsupportedSchemeError unless `scheme` has a packed format (every packable scheme runs here)."""
-    require_packed_bits(scheme)
+    """Raise UnsupportedSchemeError unless the table of what the kernels serve gives `scheme` to this kernel."""
+    reason = served("w4a16").refusal(scheme)
+    if reason is not None:
+        raise UnsupportedSchemeError(reason)
 
 
 def check_inputs(

@@ -31,9 +31,9 @@ from quantplan.quant.kernels.runtime import (
     m_bucket,
     next_pow2,
     output,
-    require_packed_bits,
     tl,
 )
+from quantplan.quant.kernels.served import served
 from quantplan.quant.packing import PackedWeight, centered_int8
 from quantplan.quant.schemes import WeightScheme
 
@@ -123,13 +123,10 @@ _w4a8_tuned = autotuned(_w4a8_kernel, CONFIGS, KEYS, prune)
 
 # -- inputs -------------------------------------------------------------------------------------------------
 def check_supported(scheme: WeightScheme) -> None:
-    """Raise UnsupportedSchemeError unless the W4A8 kernel computes `scheme` with int8 activations."""
-    require_packed_bits(scheme)
-    if scheme.asymmetric and scheme.bits == 8:
-        raise UnsupportedSchemeError(
-            f"{scheme} with int8 activations has no kernel: code - zero spans [-255, 255], beyond int8; "
-            "use symmetric w8 or 16-bit activations"
-        )
+    """Raise UnsupportedSchemeError unless the table of what the kernels serve gives `scheme` to this kernel."""
+    reason = served("w4a8").refusal(scheme)
+    if reason is not None:
+        raise UnsupportedSchemeError(reason)
 
 
 # -- torch reference (also the CPU path) ----------------------------------------------------------------

@@ -29,8 +29,9 @@ from quantplan.quant.kernels.runtime import (
     output,
     tl,
 )
+from quantplan.quant.kernels.served import served
 from quantplan.quant.packing import PackedWeight
-from quantplan.quant.schemes import PER_CHANNEL, WeightScheme
+from quantplan.quant.schemes import WeightScheme
 
 KEYS = ("M_BUCKET", "N", "K", "PER_TOKEN")
 _MN_TILES = (  # (BLOCK_M, BLOCK_N, num_warps, num_stages), small tiles first
@@ -93,12 +94,10 @@ _w8a8_tuned = autotuned(_w8a8_kernel, CONFIGS, KEYS, prune)
 
 
 def check_supported(scheme: WeightScheme) -> None:
-    """Raise UnsupportedSchemeError unless `scheme` is symmetric 8-bit per-channel (w8; others: see w4a8)."""
-    if not (scheme.bits == 8 and scheme.group == PER_CHANNEL and not scheme.asymmetric):
-        raise UnsupportedSchemeError(
-            f"the W8A8 kernel takes symmetric per-channel 8-bit weights (w8), not {scheme}; grouped and "
-            "sub-byte weights go to the W4A8 kernel"
-        )
+    """Raise UnsupportedSchemeError unless the table of what the kernels serve gives `scheme` to this kernel."""
+    reason = served("w8a8").refusal(scheme)
+    if reason is not None:
+        raise UnsupportedSchemeError(reason)
 
 
 def int8_weight(pw: PackedWeight) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """The search space: which (weight, activation) combinations a layer may take, as knobs and registries.
 
-Only combinations a kernel serves are searched (`FAMILIES`): int4 weights with any group size and int8 or
-16-bit activations (W4A8, W4A16), per-channel int8 weights (W8A8, W8A16) and unquantized w16:a16. 2- and
-3-bit weights have no kernel; they enter the space only with `low_bits=True` (simulation only).
-Activation schemes that rescale input channels (`a8-lae`, `a8-smooth`) fold their scale into the norm that
-feeds the layer, so they are offered only where such a norm exists (`ACT_REQUIREMENTS`).
+The searched weight families (`FAMILIES`) are int4 weights with any group size, per-channel int8 weights and
+unquantized w16:a16, each with the activation widths the kernels serve it with, read from the kernels' own
+table (`quant.kernels.served`: W4A8, W4A16, W8A8, ...); 2- and 3-bit weights enter the space only with
+`low_bits=True` (simulation only). The activation schemes are every registered strategy (`ACTS`, read live
+from `quant.schemes`); those that need a feeding norm (their scale folds into it: `a8-lae`, `a8-smooth`) are
+offered only where such a norm exists (`ACT_REQUIREMENTS`).
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from quantplan.errors import QuantPlanError, SchemeError
 from quantplan.quant.costs import LayerSensitivity
-from quantplan.quant.schemes import GROUP_SIZES, PER_CHANNEL, ActScheme, WeightScheme
+from quantplan.quant.kernels.served import served_act_bits
+from quantplan.quant.schemes import GROUP_SIZES, PER_CHANNEL, ActNames, ActScheme, WeightScheme
 
-ACTS: tuple[str, ...] = tuple(a.value for a in ActScheme)  # a16, a8-static, a8-dynamic, a8-lae, a8-smooth
-DYNAMIC = ActScheme.DYNAMIC.value
+# a16, a8-static, a8-dynamic, a8-lae, a8-smooth, then any registered strategy: a live tuple of names
+ACTS: ActNames = ActNames()
+DYNAMIC = ActScheme.DYNAMIC.name
 SYMMETRY: dict[str, tuple[bool, ...]] = {"sym": (False,), "asym": (True,), "both": (False, True)}
 
 
@@ -44,10 +47,16 @@ class Family:
     opt_in: bool = False  # searched only with low_bits=True
 
 
+def _served(name: str, weights: tuple[WeightScheme, ...]) -> Family:
+    """A family with the activation widths the kernels serve every one of its weights with."""
+    widths = set.intersection(*(set(served_act_bits(w)) for w in weights))
+    return Family(name, weights, tuple(sorted(widths)))
+
+
 FAMILIES: tuple[Family, ...] = (
-    Family("w4 (W4A8 / W4A16 kernels)", _grid((4,)), (8, 16)),
-    Family("w8 per-channel (W8A8 / W8A16 kernels)", (WeightScheme(8),), (8, 16)),
-    Family("w16 (unquantized)", (WeightScheme(16),), (16,)),
+    _served("w4 (W4A8 / W4A16 kernels)", _grid((4,))),
+    _served("w8 per-channel (W8A8 / W8A16 kernels)", (WeightScheme(8),)),
+    _served("w16 (unquantized)", (WeightScheme(16),)),
     Family("w2/w3 (simulation only: no kernel)", _grid((2, 3)), (8, 16), opt_in=True),
 )
 
@@ -56,11 +65,24 @@ def _has_feeder(layer: LayerSensitivity) -> bool:
     return layer.feeder is not None
 
 
+class _Requirements(Mapping[str, Callable[[LayerSensitivity], bool]]):
+    """Activation scheme name -> its requirement on a layer, for the registered strategies that have one: those
+    that need a feeding norm (FPTQ's and SmoothQuant's s fold into it, arXiv 2308.15987 / 2211.10438)."""
+
+    def __getitem__(self, name: str) -> Callable[[LayerSensitivity], bool]:
+        if name in ActScheme and ActScheme(name).needs_norm:
+            return _has_feeder
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (a.name for a in ActScheme if a.needs_norm)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 # Activation schemes with a requirement on the layer; the rest apply everywhere.
-ACT_REQUIREMENTS: dict[str, Callable[[LayerSensitivity], bool]] = {
-    ActScheme.LAE.value: _has_feeder,  # FPTQ's s folds into the preceding norm (arXiv 2308.15987)
-    ActScheme.SMOOTH.value: _has_feeder,  # SmoothQuant's s likewise (arXiv 2211.10438)
-}
+ACT_REQUIREMENTS: Mapping[str, Callable[[LayerSensitivity], bool]] = _Requirements()
 
 
 def layer_type(name: str) -> str:

@@ -1,10 +1,13 @@
 """Problem: a sensitivity table, a search space and a budget compiled into per-layer choice arrays.
 
-Layer i may take weight scheme `weights[w]` with activation scheme `ACTS[a]` when `valid[i, a, w]`; the choice
+Layer i may take weight scheme `weights[w]` with activation scheme `acts[a]` when `valid[i, a, w]`; the choice
 predicts a loss increase `cost[i, a, w]` = weight cost + activation cost (nats/token, additive over layers)
 and stores `size[i, a, w]` in the budget's unit (`bits[i, a, w]` exactly). A choice for the whole model is one
-flat index `a * W + w` per layer. Layers fed by the same norm form a group and share one activation scheme;
-skipped layers stay w16:a16 (and still count in the budget).
+flat index `a * W + w` per layer, and `choices[a * W + w]` is that `LayerScheme`. Layers fed by the same norm
+form a group and share one activation scheme; skipped layers stay w16:a16 (and still count in the budget).
+
+Schemes are objects from here on: the table's scheme names are parsed once, when the problem is compiled, and
+names appear again only where search writes them (plan JSON, the study's trials, Optuna's categorical choices).
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ import numpy as np
 from quantplan.errors import QuantPlanError
 from quantplan.quant.costs import LayerSensitivity, TableError, TableInfo
 from quantplan.quant.plan import LayerSpec, ModelRef, Plan, weight_cost
-from quantplan.quant.schemes import ActScheme, LayerScheme, WeightScheme
+from quantplan.quant.schemes import UNQUANTIZED, ActScheme, LayerScheme, WeightScheme
 from quantplan.search.budget import Budget
-from quantplan.search.space import ACTS, DYNAMIC, SearchSpace, layer_type
+from quantplan.search.space import ACTS, SearchSpace, layer_type
 
-UNQUANTIZED = ("w16", "a16")
 BIG = 1e18  # stands for "not allowed" in sums (finite, so masked sums stay ordered)
 
 
@@ -32,7 +34,7 @@ class Candidate:
     """A whole-model choice with its predicted loss and exact size."""
 
     label: str
-    schemes: tuple[str, ...]  # per layer, table order: "w4g64:a8-dynamic"
+    schemes: tuple[LayerScheme, ...]  # per layer, table order
     predicted_loss: float
     bits: int
     bytes: int
@@ -54,6 +56,17 @@ class Candidate:
             "in_space": self.in_space,
         }
 
+    def names(self) -> list[str]:
+        """The per-layer scheme names (for the study and JSON); each distinct object is formatted once, as a plan
+        repeats a few of its problem's scheme objects."""
+        by_id: dict[int, str] = {}
+        return [by_id.get(id(s)) or by_id.setdefault(id(s), str(s)) for s in self.schemes]
+
+    @property
+    def act_bits(self) -> int:
+        """The narrowest activation width any layer uses: 8 when some layer quantizes its inputs, else 16."""
+        return min(s.act.bits for s in self.schemes)
+
 
 @dataclass(frozen=True, eq=False)
 class Problem:
@@ -62,7 +75,8 @@ class Problem:
     table: TableInfo
     space: SearchSpace
     budget: Budget
-    weights: tuple[str, ...]
+    weights: tuple[WeightScheme, ...]
+    acts: tuple[ActScheme, ...]
     groups: tuple[tuple[int, ...], ...]
     group_keys: tuple[str, ...]  # the feeding norm, or the layer name for a group of one
     valid: np.ndarray  # [L, A, W] bool
@@ -75,6 +89,9 @@ class Problem:
     group_of: np.ndarray = field(init=False)  # [L] group index
     member: np.ndarray = field(init=False)  # [G, L] 0/1: sums per group by matrix product
     rows: np.ndarray = field(init=False)  # [L] arange, for fancy indexing
+    choices: tuple[LayerScheme, ...] = field(init=False)  # [A * W] the scheme of each flat index
+    index: dict[LayerScheme, int] = field(init=False)  # scheme -> its flat index
+    named: dict[str, LayerScheme] = field(init=False)  # canonical name -> scheme (reading stored plans)
 
     def __post_init__(self) -> None:
         group_of = np.zeros(len(self.names), dtype=np.int64)
@@ -85,6 +102,10 @@ class Problem:
         object.__setattr__(self, "group_of", group_of)
         object.__setattr__(self, "member", member)
         object.__setattr__(self, "rows", np.arange(len(self.names)))
+        choices = tuple(LayerScheme(w, a) for a in self.acts for w in self.weights)
+        object.__setattr__(self, "choices", choices)
+        object.__setattr__(self, "index", {s: k for k, s in enumerate(choices)})
+        object.__setattr__(self, "named", {str(s): s for s in choices})
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -117,11 +138,10 @@ class Problem:
         return int(self.take(self.size, choice).sum())
 
     def dynamic_layers(self, choice: np.ndarray) -> int:
-        return int((choice // self.shape[2] == ACTS.index(DYNAMIC)).sum())
+        return int((choice // self.shape[2] == self.acts.index(ActScheme.DYNAMIC)).sum())
 
-    def schemes(self, choice: np.ndarray) -> tuple[str, ...]:
-        a, w = np.divmod(choice, self.shape[2])
-        return tuple(f"{self.weights[wi]}:{ACTS[ai]}" for ai, wi in zip(a.tolist(), w.tolist(), strict=True))
+    def schemes(self, choice: np.ndarray) -> tuple[LayerScheme, ...]:
+        return tuple(map(self.choices.__getitem__, choice.tolist()))
 
     def candidate(self, choice: np.ndarray, label: str, **kw: Any) -> Candidate:
         assert self.take(self.valid, choice).all(), "choice outside the valid set"
@@ -131,33 +151,36 @@ class Problem:
         return Candidate(label, self.schemes(choice), loss, total, int((-(-bits // 8)).sum()), total / self.params,
                          size <= self.limit, **kw)
 
-    def score(self, schemes: Sequence[str], label: str, **kw: Any) -> Candidate:
+    def score(self, schemes: Sequence[LayerScheme], label: str, **kw: Any) -> Candidate:
         """Predicted loss and exact size of arbitrary per-layer schemes (baselines may lie outside the space)."""
         loss, bits, nbytes = 0.0, 0, 0
-        for i, text in enumerate(schemes):
-            layer_loss, layer_bits = self._score_layer(i, text)
+        for i, scheme in enumerate(schemes):
+            layer_loss, layer_bits = self._score_layer(i, scheme)
             loss, bits, nbytes = loss + layer_loss, bits + layer_bits, nbytes + -(-layer_bits // 8)
         size = bits if self.budget.unit == "bits" else nbytes
-        in_space = all(self._allows(i, text) for i, text in enumerate(schemes))
+        in_space = all(self._allows(i, scheme) for i, scheme in enumerate(schemes))
         return Candidate(label, tuple(schemes), loss, bits, nbytes, bits / self.params, size <= self.limit,
                          in_space, **kw)
 
-    def _allows(self, i: int, text: str) -> bool:
-        w, _, a = text.partition(":")
-        return w in self.weights and bool(self.valid[i, ACTS.index(a), self.weights.index(w)])
+    def scheme(self, name: str) -> LayerScheme:
+        """The scheme called `name` (a stored plan's): the space's own object, parsed only if the space lacks it."""
+        return self.named.get(name) or LayerScheme.parse(name)
 
-    def _score_layer(self, i: int, text: str) -> tuple[float, int]:
+    def _allows(self, i: int, scheme: LayerScheme) -> bool:
+        k = self.index.get(scheme)
+        return k is not None and bool(self.valid[i].flat[k])
+
+    def _score_layer(self, i: int, scheme: LayerScheme) -> tuple[float, int]:
         cache = self.__dict__.setdefault("_scores", {})
-        if (i, text) not in cache:
-            layer, scheme = self.layers[i], LayerScheme.parse(text)
-            cache[i, text] = _layer_loss(layer, scheme), weight_cost(scheme.weight, *layer.shape, layer.name).bits
-        return cache[i, text]
+        if (i, scheme) not in cache:
+            layer = self.layers[i]
+            cache[i, scheme] = _layer_loss(layer, scheme), weight_cost(scheme.weight, *layer.shape, layer.name).bits
+        return cache[i, scheme]
 
     def plan(self, candidate: Candidate, meta: Mapping[str, Any] | None = None) -> Plan:
         """The plan: every quantized layer by name with the table's Fisher-optimal clip for its weights."""
         layers = {}
-        for layer, text in zip(self.layers, candidate.schemes, strict=True):
-            scheme = LayerScheme.parse(text)
+        for layer, scheme in zip(self.layers, candidate.schemes, strict=True):
             if scheme.quantized:
                 layers[layer.name] = LayerSpec(scheme, clip=float(layer.clip.get(str(scheme.weight), 1.0)))
         model = ModelRef(str(self.table.model.get("name", "")), None, self.table.model.get("fingerprint"))
@@ -171,7 +194,7 @@ class Problem:
 
 
 def _layer_loss(layer: LayerSensitivity, scheme: LayerScheme) -> float:
-    w, a = str(scheme.weight), str(scheme.act)
+    w, a = str(scheme.weight), str(scheme.act)  # the table's keys
     if w not in layer.weight_cost or a not in layer.act_cost:
         missing = w if w not in layer.weight_cost else a
         raise TableError(f"the sensitivity table has no cost for {missing} on {layer.name}; recompute the table")
@@ -185,17 +208,18 @@ def compile_problem(
     """Check the table (and that it matches a model's layer `shapes`), then build the choice arrays."""
     check_table(table, shapes)
     weight_acts = space.weight_acts()
-    weights = tuple(weight_acts) + (() if "w16" in weight_acts else ("w16",))
+    weights = tuple(weight_acts) + (() if UNQUANTIZED.weight in weight_acts else (UNQUANTIZED.weight,))
+    acts = tuple(ActScheme.parse(a) for a in ACTS)
     skipped = np.array([space.skipped(layer.name) for layer in table.layers])
     if skipped.all():
         raise QuantPlanError(f"--skip {space.skip!r} matches every layer: nothing is left to search")
     groups, keys = _groups(table.layers, skipped)
-    valid, cost, bits = _arrays(table.layers, weights, weight_acts, space, skipped)
+    valid, cost, bits = _arrays(table.layers, weights, acts, weight_acts, space, skipped)
     _restrict_groups(valid, groups)
     _check_choices(table.layers, valid, weights)
     params = sum(layer.params for layer in table.layers)
     size = bits if budget.unit == "bits" else -(-bits // 8)
-    problem = Problem(table, space, budget, weights, groups, keys, valid, cost, bits, size, skipped,
+    problem = Problem(table, space, budget, weights, acts, groups, keys, valid, cost, bits, size, skipped,
                       budget.limit(params), params)
     smallest = problem.min_size()
     if smallest > problem.limit:
@@ -251,36 +275,39 @@ def _groups(layers: Sequence[LayerSensitivity], skipped: np.ndarray) -> tuple[tu
     return tuple(tuple(v) for v in by_key.values()), tuple(by_key)
 
 
-def _arrays(layers, weights, weight_acts, space, skipped) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    shape = (len(layers), len(ACTS), len(weights))
+def _arrays(layers, weights, acts, weight_acts, space, skipped) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    shape = (len(layers), len(acts), len(weights))
     valid, cost, bits = np.zeros(shape, bool), np.full(shape, BIG), np.zeros(shape, np.int64)
     # a norm that also feeds a skipped (unquantized) layer cannot absorb an equalization scale
     no_fold = {layer.feeder for layer, s in zip(layers, skipped, strict=True) if s and layer.feeder}
     for i, layer in enumerate(layers):
-        acts = _layer_acts(layer, space, bool(skipped[i]), no_fold)
-        for w, name in enumerate(weights):
+        layer_acts = _layer_acts(layer, acts, space, bool(skipped[i]), no_fold)
+        for w, scheme in enumerate(weights):
+            name = str(scheme)  # the table's key
             if name not in layer.weight_cost:
                 continue  # the scheme's group does not fit K
-            bits[i, :, w] = weight_cost(WeightScheme.parse(name), *layer.shape, layer.name).bits
-            for a in acts & _served(name, weight_acts, bool(skipped[i])):
+            bits[i, :, w] = weight_cost(scheme, *layer.shape, layer.name).bits
+            for a in layer_acts & _served(scheme, acts, weight_acts, bool(skipped[i])):
                 valid[i, a, w] = True
-                cost[i, a, w] = float(layer.weight_cost[name]) + float(layer.act_cost.get(ACTS[a], BIG))
+                cost[i, a, w] = float(layer.weight_cost[name]) + float(layer.act_cost.get(str(acts[a]), BIG))
     return valid, cost, bits
 
 
-def _layer_acts(layer: LayerSensitivity, space: SearchSpace, skipped: bool, no_fold: set[str]) -> set[int]:
+def _layer_acts(layer: LayerSensitivity, acts: tuple[ActScheme, ...], space: SearchSpace, skipped: bool,
+                no_fold: set[str]) -> set[int]:
     if skipped:
-        return {ACTS.index(UNQUANTIZED[1])}
-    acts = space.layer_acts(layer)
+        return {acts.index(UNQUANTIZED.act)}
+    allowed = space.layer_acts(layer)
     if layer.feeder in no_fold:
-        acts = tuple(a for a in acts if not ActScheme(a).equalized)
-    return {ACTS.index(a) for a in acts}
+        allowed = tuple(a for a in allowed if not a.equalized)
+    return {acts.index(a) for a in allowed}
 
 
-def _served(weight: str, weight_acts: Mapping[str, tuple[str, ...]], skipped: bool) -> set[int]:
+def _served(weight: WeightScheme, acts: tuple[ActScheme, ...],
+            weight_acts: Mapping[WeightScheme, tuple[ActScheme, ...]], skipped: bool) -> set[int]:
     if skipped:
-        return {ACTS.index(UNQUANTIZED[1])} if weight == UNQUANTIZED[0] else set()
-    return {ACTS.index(a) for a in weight_acts.get(weight, ())}
+        return {acts.index(UNQUANTIZED.act)} if weight == UNQUANTIZED.weight else set()
+    return {acts.index(a) for a in weight_acts.get(weight, ())}
 
 
 def _restrict_groups(valid: np.ndarray, groups: Sequence[Sequence[int]]) -> None:
@@ -291,12 +318,12 @@ def _restrict_groups(valid: np.ndarray, groups: Sequence[Sequence[int]]) -> None
         valid[idx] &= shared[None, :, None]
 
 
-def _check_choices(layers: Sequence[LayerSensitivity], valid: np.ndarray, weights: tuple[str, ...]) -> None:
+def _check_choices(layers: Sequence[LayerSensitivity], valid: np.ndarray, weights: tuple[WeightScheme, ...]) -> None:
     empty = [layer.name for layer, v in zip(layers, valid, strict=True) if not v.any()]
     if empty:
         raise TableError(
-            f"no searched scheme ({', '.join(weights)}) has a cost for {', '.join(empty[:3])} in the table, or the "
-            "group's layers share no activation scheme; recompute the table or widen the space"
+            f"no searched scheme ({', '.join(map(str, weights))}) has a cost for {', '.join(empty[:3])} in the "
+            "table, or the group's layers share no activation scheme; recompute the table or widen the space"
         )
 
 

@@ -16,13 +16,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from quantplan.quant.schemes import UNQUANTIZED, ActScheme, LayerScheme, WeightScheme
 from quantplan.search.problem import Candidate, Problem
-from quantplan.search.space import ACTS
 
 FPTQ_V0, FPTQ_V1 = 15.0, 150.0
-SEVERITY = ("a8-static", "a8-lae", "a8-dynamic")  # FPTQ's rule, least to most robust
+SEVERITY = (ActScheme.STATIC, ActScheme.LAE, ActScheme.DYNAMIC)  # FPTQ's rule, least to most robust
+W4G128, W4, W8 = WeightScheme(4, 128), WeightScheme(4), WeightScheme(8)
 
-Recipe = Callable[[Problem], tuple[str, ...]]
+Recipe = Callable[[Problem], tuple[LayerScheme, ...]]
 RECIPES: dict[str, Recipe] = {}
 
 
@@ -43,30 +44,32 @@ def baselines(problem: Problem) -> list[Candidate]:
     return [baseline(problem, name) for name in RECIPES]
 
 
-def w4g128(problem: Problem, i: int) -> str:
-    """w4g128 where the group fits K, else per-channel w4 (one group per row either way)."""
-    return "w4g128" if "w4g128" in problem.layers[i].weight_cost else "w4"
+def w4g128(problem: Problem, i: int) -> WeightScheme:
+    """w4g128 where the group fits K (the table scored it), else per-channel w4 (one group per row either way)."""
+    return W4G128 if str(W4G128) in problem.layers[i].weight_cost else W4
 
 
-def _uniform(weight: Callable[[Problem, int], str], act: str) -> Recipe:
-    def schemes(problem: Problem) -> tuple[str, ...]:
+def _uniform(weight: Callable[[Problem, int], WeightScheme], act: ActScheme) -> Recipe:
+    def schemes(problem: Problem) -> tuple[LayerScheme, ...]:
         return tuple(
-            "w16:a16" if problem.skipped[i] else f"{weight(problem, i)}:{act}" for i in range(len(problem.names))
+            UNQUANTIZED if problem.skipped[i] else LayerScheme(weight(problem, i), act)
+            for i in range(len(problem.names))
         )
 
     return schemes
 
 
-for _act in ("a8-static", "a16"):
-    recipe(f"w4g128:{_act}")(_uniform(w4g128, _act))
-recipe("w8:a8-static")(_uniform(lambda _p, _i: "w8", "a8-static"))
+for _act in (ActScheme.STATIC, ActScheme.A16):
+    recipe(f"{W4G128}:{_act}")(_uniform(w4g128, _act))
+recipe(f"{W8}:{ActScheme.STATIC}")(_uniform(lambda _p, _i: W8, ActScheme.STATIC))
 
 
 @recipe("fptq")
-def fptq(problem: Problem) -> tuple[str, ...]:
+def fptq(problem: Problem) -> tuple[LayerScheme, ...]:
     acts = fptq_acts(problem, FPTQ_V0, FPTQ_V1)
     return tuple(
-        "w16:a16" if problem.skipped[i] else f"{w4g128(problem, i)}:{ACTS[acts[i]]}" for i in range(len(acts))
+        UNQUANTIZED if problem.skipped[i] else LayerScheme(w4g128(problem, i), problem.acts[acts[i]])
+        for i in range(len(acts))
     )
 
 
@@ -76,7 +79,8 @@ def fptq_acts(problem: Problem, v0: float, v1: float) -> np.ndarray:
     level = np.where(absmax <= v0, 0, np.where(absmax <= v1, np.where(foldable(problem), 1, 2), 2))
     group_level = np.zeros(len(problem.groups), dtype=np.int64)
     np.maximum.at(group_level, problem.group_of, level)
-    return np.array([ACTS.index(SEVERITY[v]) for v in group_level[problem.group_of]])
+    severity = np.array([problem.acts.index(a) for a in SEVERITY])
+    return severity[group_level[problem.group_of]]
 
 
 def foldable(problem: Problem) -> np.ndarray:

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from quantplan.quant.schemes import PER_CHANNEL, WeightScheme
+from quantplan.quant.schemes import PER_CHANNEL, ActScheme, WeightScheme
 from quantplan.search.problem import Candidate, Problem
-from quantplan.search.space import ACTS
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,8 @@ class Move:
 
     kind: str  # "act" (a group's activation scheme) or "weight" (a layer's weight scheme)
     what: str
-    before: str
-    after: str
+    before: ActScheme | WeightScheme
+    after: ActScheme | WeightScheme
     choice: np.ndarray = field(compare=False, repr=False)
 
     @property
@@ -71,12 +70,7 @@ class Refinement:
 
 def choice_of(problem: Problem, candidate: Candidate) -> np.ndarray:
     """The flat choice index per layer of a candidate inside the space."""
-    W = problem.shape[2]
-    out = []
-    for text in candidate.schemes:
-        w, _, a = text.partition(":")
-        out.append(ACTS.index(a) * W + problem.weights.index(w))
-    return np.array(out, dtype=np.int64)
+    return np.array([problem.index[s] for s in candidate.schemes], dtype=np.int64)
 
 
 def neighbors(problem: Problem, choice: np.ndarray) -> list[Move]:
@@ -93,12 +87,12 @@ def _act_moves(problem: Problem, choice: np.ndarray, acts: np.ndarray, weights: 
     out = []
     for key, members in zip(problem.group_keys, problem.groups, strict=True):
         idx = list(members)
-        for a in range(len(ACTS)):
+        for a in range(problem.shape[1]):
             if a == acts[idx[0]] or not problem.valid[idx, a, weights[idx]].all():
                 continue
             moved = choice.copy()
             moved[idx] = a * problem.shape[2] + weights[idx]
-            out.append(Move("act", key, ACTS[acts[idx[0]]], ACTS[a], moved))
+            out.append(Move("act", key, problem.acts[acts[idx[0]]], problem.acts[a], moved))
     return out
 
 
@@ -119,10 +113,9 @@ def _weight_moves(problem: Problem, choice: np.ndarray, acts: np.ndarray, weight
 
 def _quantizer(problem: Problem, i: int, w: int) -> tuple[int, int, bool, float]:
     """What the weights become: a group as wide as K is one group per row, whatever its name."""
-    layer, name = problem.layers[i], problem.weights[w]
-    scheme = WeightScheme.parse(name)
+    layer, scheme = problem.layers[i], problem.weights[w]
     group = PER_CHANNEL if scheme.group >= layer.shape[1] else scheme.group
-    return scheme.bits, group, scheme.asymmetric, float(layer.clip.get(name, 1.0))
+    return scheme.bits, group, scheme.asymmetric, float(layer.clip.get(str(scheme), 1.0))  # the table's key
 
 
 def refine(problem: Problem, start: Candidate, start_score: float, measure: Measure, *, max_evals: int,
@@ -132,11 +125,11 @@ def refine(problem: Problem, start: Candidate, start_score: float, measure: Meas
     (smaller gains are measurement noise, not a better plan). See the module docstring."""
     assert start.in_space and start.under_budget, "refinement starts from a plan within the budget and space"
     result = Refinement(steps=[(start, start_score)], min_gain=min_gain)
-    tried: set[tuple[str, ...]] = {start.schemes}
-    promising: set[str] = set()  # moves that improved on some plan: tried first again
     choice, score = choice_of(problem, start), start_score
+    tried: set[bytes] = {choice.tobytes()}  # the plans measured, by their choice indices
+    promising: set[str] = set()  # moves that improved on some plan: tried first again
     while result.evaluations < max_evals:
-        moves = [m for m in neighbors(problem, choice) if problem.schemes(m.choice) not in tried]
+        moves = [m for m in neighbors(problem, choice) if m.choice.tobytes() not in tried]
         if not moves:
             result.local_optimum = True
             break
@@ -147,7 +140,7 @@ def refine(problem: Problem, start: Candidate, start_score: float, measure: Meas
         candidates = [problem.candidate(m.choice, f"refined:{first + k}", recipe="refined") for k, m in
                       enumerate(take)]
         scores = [float(s) for s in measure(candidates)]
-        tried |= {c.schemes for c in candidates}
+        tried |= {m.choice.tobytes() for m in take}
         result.measured += list(zip(candidates, scores, strict=True))
         bar = score * (1 - min_gain)
         promising |= {m.label for m, s in zip(take, scores, strict=True) if s < bar}

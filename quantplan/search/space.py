@@ -133,14 +133,14 @@ class SearchSpace:
     def families(self) -> tuple[Family, ...]:
         return tuple(f for f in FAMILIES if self.low_bits or not f.opt_in)
 
-    def weight_acts(self) -> dict[str, tuple[str, ...]]:
+    def weight_acts(self) -> dict[WeightScheme, tuple[ActScheme, ...]]:
         """Searched weight scheme -> the activation schemes served with it (before layer requirements)."""
-        out: dict[str, tuple[str, ...]] = {}
+        out: dict[WeightScheme, tuple[ActScheme, ...]] = {}
         for family in self.families():
-            acts = tuple(a for a in ACTS if ActScheme(a).bits in family.act_bits and self._act_ok(a))
+            acts = tuple(ActScheme(a) for a in ACTS if ActScheme(a).bits in family.act_bits and self._act_ok(a))
             for w in family.weights:
                 if self._weight_ok(w) and acts:
-                    out[str(w)] = acts
+                    out[w] = acts
         return out
 
     def _weight_ok(self, w: WeightScheme) -> bool:
@@ -151,9 +151,10 @@ class SearchSpace:
     def _act_ok(self, act: str) -> bool:
         return self.act_bits is None or ActScheme(act).bits == self.act_bits
 
-    def layer_acts(self, layer: LayerSensitivity) -> tuple[str, ...]:
+    def layer_acts(self, layer: LayerSensitivity) -> tuple[ActScheme, ...]:
         """Activation schemes this layer may use (its group may narrow them further)."""
-        return tuple(a for a in ACTS if self._act_ok(a) and ACT_REQUIREMENTS.get(a, lambda _l: True)(layer))
+        return tuple(ActScheme(a) for a in ACTS
+                     if self._act_ok(a) and ACT_REQUIREMENTS.get(a, lambda _l: True)(layer))
 
     def skipped(self, name: str) -> bool:
         return self.skip is not None and re.search(self.skip, name) is not None

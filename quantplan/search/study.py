@@ -280,10 +280,11 @@ def _writer(stored: optuna.Study) -> Iterator[Callable[[FrozenTrial], None]]:
 
 # -- trials <-> candidates -------------------------------------------------------------------------------------
 def encode(candidate: Candidate) -> dict[str, Any]:
-    """User attributes that let any later run rebuild the plan: distinct schemes and one index per layer."""
-    distinct = sorted(set(candidate.schemes))
+    """User attributes that let any later run rebuild the plan: distinct scheme names and one index per layer."""
+    names = candidate.names()
+    distinct = sorted(set(names))
     index = {s: i for i, s in enumerate(distinct)}
-    layout = ",".join(str(index[s]) for s in candidate.schemes)
+    layout = ",".join(str(index[s]) for s in names)
     attrs: dict[str, Any] = {"plan": {"schemes": distinct, "layout": layout}, "avg_bits": candidate.avg_bits}
     if candidate.trial is not None:
         attrs["number"] = candidate.trial  # the number in the stored study (the mirror numbers differently)
@@ -295,5 +296,6 @@ def decode(problem: Problem, trial: FrozenTrial) -> Candidate:
     recipe = trial.user_attrs.get("recipe")
     number = trial.user_attrs.get("number", trial.number)
     label = recipe or f"trial {number}"
-    return problem.score([distinct[int(i)] for i in layout], label, trial=number, recipe=recipe)
+    schemes = [problem.scheme(name) for name in distinct]
+    return problem.score([schemes[int(i)] for i in layout], label, trial=number, recipe=recipe)
 

@@ -6,7 +6,9 @@ and per-layer-type overrides of the weight bit-width and of each norm group's ac
 the Lagrangian optimum under those restrictions, repaired to the budget and its slack filled.
 `per-layer` has one categorical per group (activation scheme) and per layer (weight scheme): for small models
 only, as TPE slows down with dimensions. A choice over the budget is shrunk greedily.
-Both respect the a8-dynamic cap. Trials touch only arrays: no model, no torch.
+Both respect the a8-dynamic cap. Trials touch only arrays: no model, no torch. Optuna's categorical choices
+are scheme names (the parameters stored in existing studies); each maps to an index of the compiled problem
+once, when the trial space is built, so a trial parses nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from quantplan.quant.schemes import WeightScheme
+from quantplan.quant.schemes import ActScheme
 from quantplan.search import lagrange
 from quantplan.search.problem import Problem, layer_types
 from quantplan.search.recipes import fptq_acts
-from quantplan.search.space import ACTS, layer_type
+from quantplan.search.space import layer_type
 
 AUTO = "auto"
 LOG_LAMBDA = (-1.0, 2.0)  # decades around the multiplier that meets the budget
@@ -57,17 +59,19 @@ class Structured:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         self.lam_ref = _budget_lambda(problem)
-        w_bits = np.array([WeightScheme.parse(w).bits for w in problem.weights])
+        w_bits = np.array([w.bits for w in problem.weights])
         self.weight_masks: dict[str, dict[str, np.ndarray]] = {}  # type -> "w4" -> mask on its layers
         for t, idx in layer_types(problem).items():
             bits = sorted({int(b) for b in w_bits[problem.valid[idx].any(axis=(0, 1))]})
             if len(bits) > 1:
                 self.weight_masks[t] = {f"w{b}": _only(problem, idx, (w_bits == b)[None, None, :]) for b in bits}
         self.act_masks: dict[str, dict[str, np.ndarray]] = {}  # group type -> act -> mask on its layers
+        act_index = np.arange(len(problem.acts))
         for key, (groups, acts) in _group_types(problem).items():
             idx = [i for g in groups for i in problem.groups[g]]
-            self.act_masks[key] = {a: _only(problem, idx, (np.array(ACTS) == a)[None, :, None]) for a in acts}
-        self.rule = any(problem.valid[:, ACTS.index(a)].any() for a in ("a8-static", "a8-dynamic"))
+            self.act_masks[key] = {str(problem.acts[a]): _only(problem, idx, (act_index == a)[None, :, None])
+                                   for a in acts}
+        self.rule = any(problem.valid[:, problem.acts.index(a)].any() for a in (ActScheme.STATIC, ActScheme.DYNAMIC))
 
     def suggest(self, trial: Any) -> np.ndarray:
         p = self.problem
@@ -91,7 +95,7 @@ class Structured:
         if rule == "proxy":
             return allowed
         acts = fptq_acts(self.problem, v0, max(v0, v1))  # [L]
-        return _restrict(allowed, (np.arange(len(ACTS))[None, :] == acts[:, None])[:, :, None])
+        return _restrict(allowed, (np.arange(len(self.problem.acts))[None, :] == acts[:, None])[:, :, None])
 
 
 def _only(problem: Problem, idx: list[int], restriction: np.ndarray) -> np.ndarray:
@@ -115,16 +119,16 @@ def _budget_lambda(problem: Problem) -> float:
     return hi
 
 
-def _group_types(problem: Problem) -> dict[str, tuple[list[int], list[str]]]:
-    """Group type ('input_layernorm', 'self_attn.o_proj') -> (searched groups, acts all of them may take)."""
-    out: dict[str, tuple[list[int], list[str]]] = {}
+def _group_types(problem: Problem) -> dict[str, tuple[list[int], list[int]]]:
+    """Group type ('input_layernorm', 'self_attn.o_proj') -> (searched groups, act indices all of them may take)."""
+    out: dict[str, tuple[list[int], list[int]]] = {}
     for g, key in enumerate(problem.group_keys):
         if problem.skipped[list(problem.groups[g])].all():
             continue
         out.setdefault(layer_type(key), ([], []))[0].append(g)
     for key, (groups, acts) in list(out.items()):
         shared = np.logical_and.reduce([problem.group_acts(g) for g in groups])
-        acts.extend(ACTS[a] for a in np.flatnonzero(shared))
+        acts.extend(np.flatnonzero(shared).tolist())
         if len(acts) < 2:
             del out[key]
     return out
@@ -136,25 +140,29 @@ class PerLayer:
 
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
-        self.acts = [[ACTS[a] for a in np.flatnonzero(problem.group_acts(g))] for g in range(len(problem.groups))]
-        self.weights = [[problem.weights[w] for w in np.flatnonzero(v.any(axis=0))] for v in problem.valid]
+        acts = [np.flatnonzero(problem.group_acts(g)) for g in range(len(problem.groups))]
+        weights = [np.flatnonzero(v.any(axis=0)) for v in problem.valid]
+        # (Optuna parameter, its choices by name, the index of each choice): names only at the Optuna boundary
+        self.act_params = [(f"a:{key}", [str(problem.acts[a]) for a in idx], idx.tolist())
+                           for key, idx in zip(problem.group_keys, acts, strict=True)]
+        self.weight_params = [(f"w:{name}", [str(problem.weights[w]) for w in idx], idx.tolist())
+                              for name, idx in zip(problem.names, weights, strict=True)]
 
     def suggest(self, trial: Any) -> np.ndarray:
         p = self.problem
-        acts = np.array([ACTS.index(self._pick(trial, f"a:{p.group_keys[g]}", a)) for g, a in enumerate(self.acts)])
-        acts = self._cap(acts)
-        weights = [p.weights.index(self._pick(trial, f"w:{n}", w)) for n, w in zip(p.names, self.weights,
-                                                                                    strict=True)]
+        acts = self._cap(np.array([self._pick(trial, *param) for param in self.act_params]))
+        weights = [self._pick(trial, *param) for param in self.weight_params]
         a_l = acts[p.group_of]
         choice = np.array([a * p.shape[2] + self._nearest(i, a, w) for i, (a, w) in enumerate(zip(a_l, weights,
                                                                                                  strict=True))])
-        allowed = p.valid & (np.arange(len(ACTS))[None, :] == a_l[:, None])[:, :, None]
+        allowed = p.valid & (np.arange(p.shape[1])[None, :] == a_l[:, None])[:, :, None]
         shrunk = lagrange.shrink(p, choice, allowed)
         return shrunk if shrunk is not None else lagrange.fit(p, 0.0, allowed)
 
     @staticmethod
-    def _pick(trial: Any, name: str, options: list[str]) -> str:
-        return options[0] if len(options) == 1 else trial.suggest_categorical(name, options)
+    def _pick(trial: Any, name: str, options: list[str], indices: list[int]) -> int:
+        """The index of the trial's choice: Optuna sees the scheme names `options` (as stored studies hold them)."""
+        return indices[0] if len(options) == 1 else indices[options.index(trial.suggest_categorical(name, options))]
 
     def _cap(self, acts: np.ndarray) -> np.ndarray:
         p = self.problem

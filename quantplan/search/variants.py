@@ -14,10 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from quantplan.quant.schemes import WeightScheme
+from quantplan.quant.schemes import ActScheme, LayerScheme
 from quantplan.search import knapsack
 from quantplan.search.problem import Candidate, Problem, _restrict_groups
-from quantplan.search.space import ACTS, DYNAMIC
 
 Restriction = Callable[[Problem], np.ndarray]  # [L, A, W] bool: the choices kept
 RESTRICTIONS: dict[str, Restriction] = {}
@@ -31,30 +30,30 @@ def restriction(name: str) -> Callable[[Restriction], Restriction]:
     return register
 
 
-def _acts(problem: Problem, keep: Callable[[str], bool]) -> np.ndarray:
-    mask = np.array([keep(a) for a in ACTS])
+def _acts(problem: Problem, keep: Callable[[ActScheme], bool]) -> np.ndarray:
+    mask = np.array([keep(a) for a in problem.acts])
     return np.broadcast_to(mask[None, :, None], problem.shape)
 
 
 @restriction("sym")
 def symmetric(problem: Problem) -> np.ndarray:
-    mask = np.array([not WeightScheme.parse(w).asymmetric for w in problem.weights])
+    mask = np.array([not w.asymmetric for w in problem.weights])
     return np.broadcast_to(mask[None, None, :], problem.shape)
 
 
 @restriction("no-dynamic")
 def no_dynamic(problem: Problem) -> np.ndarray:
-    return _acts(problem, lambda a: a != DYNAMIC)
+    return _acts(problem, lambda a: a != ActScheme.DYNAMIC)
 
 
 @restriction("static")
 def static(problem: Problem) -> np.ndarray:
-    return _acts(problem, lambda a: a in ("a16", "a8-static"))
+    return _acts(problem, lambda a: a in (ActScheme.A16, ActScheme.STATIC))
 
 
 @restriction("dynamic")
 def dynamic(problem: Problem) -> np.ndarray:
-    return _acts(problem, lambda a: a in ("a16", DYNAMIC))
+    return _acts(problem, lambda a: a in (ActScheme.A16, ActScheme.DYNAMIC))
 
 
 @restriction("sym+static")
@@ -84,14 +83,14 @@ def variant(problem: Problem, name: str) -> Candidate | None:
 
 def _forced_dynamic(problem: Problem) -> int:
     """Layers in groups whose only activation scheme is a8-dynamic."""
-    only = np.array([problem.group_acts(g).sum() == 1 and problem.group_acts(g)[ACTS.index(DYNAMIC)]
+    only = np.array([problem.group_acts(g).sum() == 1 and problem.group_acts(g)[problem.acts.index(ActScheme.DYNAMIC)]
                      for g in range(len(problem.groups))])
     return int(problem.member[only].sum())
 
 
 def variants(problem: Problem) -> list[Candidate]:
     """Every registered variant that exists for this problem, distinct plans only."""
-    out: dict[tuple[str, ...], Candidate] = {}
+    out: dict[tuple[LayerScheme, ...], Candidate] = {}
     for name in RESTRICTIONS:
         c = variant(problem, name)
         if c is not None:

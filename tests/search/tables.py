@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import strategies as st
 
 from quantplan.quant.costs import TableInfo
+from quantplan.quant.schemes import ActScheme
 from quantplan.search.problem import Problem
-from quantplan.search.space import ACTS, DYNAMIC
 from quantplan.search.synthetic import synthetic_layer
 
 K_CHOICES = (32, 64, 96, 128, 160)
@@ -50,12 +50,12 @@ def brute_force(problem: Problem, dynamic_cap: int | None = None) -> tuple[float
 
 def _group_options(problem: Problem, members: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     costs, sizes, dyns = [], [], []
-    for a in range(len(ACTS)):
+    for a, act in enumerate(problem.acts):
         per_layer = [np.flatnonzero(problem.valid[i, a]) for i in members]
         if any(len(w) == 0 for w in per_layer):
             continue
         for ws in itertools.product(*per_layer):
             costs.append(sum(problem.cost[i, a, w] for i, w in zip(members, ws, strict=True)))
             sizes.append(sum(int(problem.size[i, a, w]) for i, w in zip(members, ws, strict=True)))
-            dyns.append(len(members) if ACTS[a] == DYNAMIC else 0)
+            dyns.append(len(members) if act == ActScheme.DYNAMIC else 0)
     return np.array(costs), np.array(sizes, dtype=np.int64), np.array(dyns, dtype=np.int64)

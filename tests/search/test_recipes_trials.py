@@ -9,10 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantplan.quant.costs import LayerSensitivity, TableInfo
+from quantplan.quant.schemes import LayerScheme
 from quantplan.search import recipes
 from quantplan.search.budget import Budget, BudgetError
 from quantplan.search.problem import compile_problem
-from quantplan.search.space import ACTS, SearchSpace
+from quantplan.search.space import SearchSpace
 from quantplan.search.synthetic import llama_block, synthetic_table
 from quantplan.search.trials import SPACES
 from tests.search.tables import small_tables
@@ -38,10 +39,10 @@ def test_fptq_rule() -> None:
     })
     problem = compile_problem(table, SearchSpace(act_bits=8), Budget(avg_bits=16))
     schemes = dict(zip(problem.names, recipes.fptq(problem), strict=True))
-    acts = {name.rsplit(".", 1)[1]: s.split(":")[1] for name, s in schemes.items()}
+    acts = {name.rsplit(".", 1)[1]: str(s.act) for name, s in schemes.items()}
     assert acts == {"q_proj": "a8-lae", "k_proj": "a8-lae", "v_proj": "a8-lae", "o_proj": "a8-dynamic",
                     "gate_proj": "a8-static", "up_proj": "a8-static", "down_proj": "a8-dynamic"}
-    weights = {name.rsplit(".", 1)[1]: s.split(":")[0] for name, s in schemes.items()}
+    weights = {name.rsplit(".", 1)[1]: str(s.weight) for name, s in schemes.items()}
     assert weights["q_proj"] == "w4" and weights["down_proj"] == "w4g128", "w4g128 only where the group fits K"
 
 
@@ -54,7 +55,7 @@ def test_uniform_baselines_and_their_place_in_the_space() -> None:
                                                            / problem.params)
     # stories260K-shaped: K = 64 layers take per-channel w4 (4.25 bits), down_proj w4g128 pads 172 to 256
     down = [i for i, n in enumerate(problem.names) if n.endswith("down_proj")]
-    assert all(found["w4g128:a8-static"].schemes[i] == "w4g128:a8-static" for i in down)
+    assert all(found["w4g128:a8-static"].schemes[i] == LayerScheme.parse("w4g128:a8-static") for i in down)
     assert not found["w4g128:a8-static"].under_budget  # 4.709 bits: the padding costs
 
 
@@ -108,6 +109,6 @@ def test_act_override_applies_to_the_group_type() -> None:
     params |= {f"w:{t}": "auto" for t in structured.weight_masks} | {f"a:{g}": "auto" for g in structured.act_masks}
     params |= {"a:input_layernorm": "a8-smooth", "a:mlp.down_proj": "a8-static"}
     choice = structured.suggest(optuna.trial.FixedTrial(params))
-    acts = {n: ACTS[a] for n, a in zip(problem.names, choice // problem.shape[2], strict=True)}
+    acts = {n: str(problem.acts[a]) for n, a in zip(problem.names, choice // problem.shape[2], strict=True)}
     assert all(a == "a8-smooth" for n, a in acts.items() if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj"))
     assert all(a == "a8-static" for n, a in acts.items() if n.endswith("down_proj"))

@@ -9,12 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantplan.quant.costs import TableInfo
-from quantplan.quant.schemes import PER_CHANNEL
+from quantplan.quant.schemes import PER_CHANNEL, ActScheme, LayerScheme, WeightScheme
 from quantplan.search import knapsack
 from quantplan.search.budget import Budget, BudgetError
 from quantplan.search.problem import compile_problem
 from quantplan.search.refine import _quantizer, choice_of, neighbors, refine
-from quantplan.search.space import ACTS, SearchSpace
+from quantplan.search.space import SearchSpace
 from quantplan.search.synthetic import llama_block, synthetic_table
 from tests.search.tables import small_tables
 
@@ -56,7 +56,8 @@ def test_no_move_requantizes_a_layer_the_same_way() -> None:
         keys = [_quantizer(problem, i, problem.weights.index(m.after)) for m in moves if m.what == name]
         current = _quantizer(problem, i, int(choice[i] % problem.shape[2]))
         assert len(set(keys)) == len(keys) and current not in keys
-    assert _quantizer(problem, 0, problem.weights.index("w4g64"))[1] == PER_CHANNEL  # K = 64: one group per row
+    w4g64 = problem.weights.index(WeightScheme(4, 64))
+    assert _quantizer(problem, 0, w4g64)[1] == PER_CHANNEL  # K = 64: one group per row
 
 
 @SETTINGS
@@ -69,7 +70,7 @@ def test_descent_is_monotone_bounded_and_within_budget(table: TableInfo, bits: f
     except BudgetError:
         return
     rng = np.random.default_rng(0)
-    noise: dict[tuple[str, ...], float] = {}
+    noise: dict[tuple[LayerScheme, ...], float] = {}
 
     def measure(cands):  # the proxy plus a fixed per-plan perturbation: a "measurement" the proxy ranks poorly
         return [c.predicted_loss + noise.setdefault(c.schemes, float(rng.normal(0, 1e-3))) for c in cands]
@@ -90,10 +91,10 @@ def test_descent_is_monotone_bounded_and_within_budget(table: TableInfo, bits: f
 def test_descent_reaches_a_plan_the_measure_prefers() -> None:
     """A measure that rewards a8-static everywhere: the descent walks there group by group."""
     problem = _problem()
-    static = ACTS.index("a8-static")
+    static = problem.acts.index(ActScheme.STATIC)
 
     def measure(cands):
-        return [sum(not s.endswith(":a8-static") for s in c.schemes) + c.predicted_loss for c in cands]
+        return [sum(s.act != ActScheme.STATIC for s in c.schemes) + c.predicted_loss for c in cands]
 
     start = _start(problem)
     result = refine(problem, start, measure([start])[0], measure, max_evals=200, batch=4)

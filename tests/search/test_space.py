@@ -10,10 +10,10 @@ import pytest
 from quantplan.errors import QuantPlanError, SchemeError
 from quantplan.quant.costs import LayerSensitivity, TableError, TableInfo
 from quantplan.quant.plan import weight_cost
-from quantplan.quant.schemes import WeightScheme
+from quantplan.quant.schemes import ActScheme, WeightScheme
 from quantplan.search.budget import Budget, BudgetError
 from quantplan.search.problem import compile_problem
-from quantplan.search.space import ACTS, SearchError, SearchSpace, layer_type
+from quantplan.search.space import SearchError, SearchSpace, layer_type
 from quantplan.search.synthetic import llama_block, synthetic_table
 
 STORIES_BLOCK = llama_block(64, 172, 32)  # stories260K: K = 64 except down_proj (K = 172)
@@ -25,7 +25,8 @@ def table() -> TableInfo:
 
 
 def _pairs(problem, i: int) -> set[tuple[str, str]]:
-    return {(problem.weights[w], ACTS[a]) for a, w in zip(*np.nonzero(problem.valid[i]), strict=True)}
+    return {(str(problem.weights[w]), str(problem.acts[a])) for a, w in zip(*np.nonzero(problem.valid[i]),
+                                                                            strict=True)}
 
 
 def test_only_served_combinations(table: TableInfo) -> None:
@@ -49,16 +50,16 @@ def test_groups_share_activation_schemes(table: TableInfo) -> None:
     for members in problem.groups:
         acts = problem.valid[list(members)].any(axis=2)
         assert (acts == acts[0]).all()
-    assert not problem.valid[:, ACTS.index("a16")].any()
+    assert not problem.valid[:, problem.acts.index(ActScheme.A16)].any()
 
 
 def test_weight_only_and_low_bits(table: TableInfo) -> None:
     weight_only = compile_problem(table, SearchSpace(act_bits=16), Budget(avg_bits=16))
-    assert set(np.flatnonzero(weight_only.valid.any(axis=(0, 2)))) == {ACTS.index("a16")}
+    assert set(np.flatnonzero(weight_only.valid.any(axis=(0, 2)))) == {weight_only.acts.index(ActScheme.A16)}
     low = compile_problem(table, SearchSpace(act_bits=8, low_bits=True, symmetry="asym"), Budget(avg_bits=3))
-    bits = {WeightScheme.parse(w).bits for w in low.weights}
+    bits = {w.bits for w in low.weights}
     assert {2, 3, 4, 8} <= bits
-    assert all(WeightScheme.parse(w).asymmetric for w in low.weights if WeightScheme.parse(w).bits < 8)
+    assert all(w.asymmetric for w in low.weights if w.bits < 8)
 
 
 def test_skip_keeps_layers_unquantized_and_counts_them(table: TableInfo) -> None:

@@ -14,17 +14,16 @@ from quantplan.quant.schemes import LayerScheme
 from quantplan.search import knapsack, variants
 from quantplan.search.budget import Budget, BudgetError
 from quantplan.search.problem import compile_problem
-from quantplan.search.space import ACTS, SearchSpace
+from quantplan.search.space import SearchSpace
 from quantplan.search.synthetic import llama_block, synthetic_table
 from tests.search.tables import brute_force, small_tables
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _keeps_restriction(name: str, schemes: tuple[str, ...]) -> bool:
-    parsed = [LayerScheme.parse(s) for s in schemes]
-    acts = {str(s.act) for s in parsed if s.quantized}
-    sym = not any(s.weight.asymmetric for s in parsed)
+def _keeps_restriction(name: str, schemes: tuple[LayerScheme, ...]) -> bool:
+    acts = {str(s.act) for s in schemes if s.quantized}
+    sym = not any(s.weight.asymmetric for s in schemes)
     return {
         "sym": sym, "no-dynamic": "a8-dynamic" not in acts, "static": acts <= {"a8-static"},
         "dynamic": acts <= {"a8-dynamic"}, "sym+static": sym and acts <= {"a8-static"},
@@ -48,7 +47,7 @@ def test_variants_fit_and_are_optimal_in_their_sub_space(table: TableInfo, bits:
         assert c.under_budget and c.in_space and c.avg_bits <= bits and c.recipe == f"knapsack:{name}"
         assert _keeps_restriction(name, c.schemes)
         assert c.predicted_loss >= optimum * (1 - 1e-9)
-        choice = np.array([problem.weights.index(s.split(":")[0]) + problem.shape[2] * ACTS.index(s.split(":")[1])
+        choice = np.array([problem.weights.index(s.weight) + problem.shape[2] * problem.acts.index(s.act)
                            for s in c.schemes])
         assert share is None or problem.dynamic_layers(choice) <= problem.dynamic_cap
         valid = problem.valid & restrict(problem)

@@ -47,30 +47,20 @@ def materialize_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Calibrate, quantize and pack a plan into an artifact directory; measure it on --data (test split)."""
-    from quantplan.quant.apply import needs_calibration
     from quantplan.quant.artifact import check_materializable
     from quantplan.quant.plan import Plan
-    from quantplan.workers.artifacts import materialize_plan
-    from quantplan.workers.data import DataSpec, calibration_set, eval_windows
     from quantplan.workers.evaluate import evaluate
-    from quantplan.workers.models import load_model, model_identity
+    from quantplan.workers.pipeline import LoadSpec, load, materialize
 
     the_plan = Plan.load(plan)
-    spec, calib_spec = DataSpec.parse(data), DataSpec.parse(calib_data or data)
-    net, tokenizer = load_model(model, dtype=dtype, device=device)
-    check_materializable(net, the_plan)  # before any calibration or evaluation work
-    seq_len = seq_len or min(2048, int(getattr(net.config, "max_position_embeddings", 2048)))
-    calib = None
-    if needs_calibration(net, the_plan):
-        calib_len = calib_seq_len or min(seq_len, 512)
-        calib = calibration_set(calib_spec, tokenizer, samples=calib_samples, seq_len=calib_len, seed=seed)
-    windows = eval_windows(spec, tokenizer, seq_len=seq_len, max_windows=samples, split="test")
-    base = evaluate(net, windows, batch_size=batch_size, progress=True)
-    eval_info = {"data": str(spec), "split": "test", "seq_len": seq_len, "windows": int(windows.shape[0])}
-    info, _ = materialize_plan(
-        net, the_plan, calib, out, windows=windows, eval_info=eval_info, model_info=model_identity(model, net),
-        base_result=base, overwrite=overwrite, batch_size=batch_size, progress=True,
-    )
+    spec = LoadSpec(model=model, data=data, dtype=dtype, device=device, seq_len=seq_len, max_seq_len=2048,
+                    calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                    calib_max_seq_len=512, seed=seed, windows=True, eval_samples=samples)
+    loaded = load(spec, plan=the_plan, check=lambda net: check_materializable(net, the_plan))  # before data work
+    assert loaded.windows is not None
+    base = evaluate(loaded.net, loaded.windows, batch_size=batch_size, progress=True)
+    info, _ = materialize(loaded, the_plan, out, base_result=base, overwrite=overwrite, batch_size=batch_size,
+                          progress=True)
     result = _summary(info) | {"model": model}
     if json_out:
         print_json(result)
@@ -121,7 +111,7 @@ def apply_command(
 
 def _summary(info: Any) -> dict[str, Any]:
     """The JSON fields both commands print: where, for which base, what it holds, cost and measured metrics."""
-    from quantplan.workers.pipeline import plan_label
+    from quantplan.workers.plan_eval import plan_label
 
     manifest = info.manifest
     return {

@@ -69,40 +69,43 @@ def eval_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Perplexity of a model on a data set, and with --plan (simulated) or --artifact (real) the KL and size."""
-    from quantplan.quant.apply import needs_calibration, validate_plan
+    from quantplan.quant.apply import validate_plan
     from quantplan.quant.artifact import read_manifest, verify_artifact
     from quantplan.quant.plan import Plan
     from quantplan.workers.artifacts import evaluate_artifact
-    from quantplan.workers.data import DataSpec, calibration_set, eval_windows
     from quantplan.workers.evaluate import evaluate
-    from quantplan.workers.models import load_model
-    from quantplan.workers.pipeline import evaluate_plan
+    from quantplan.workers.pipeline import LoadSpec, load
+    from quantplan.workers.plan_eval import evaluate_plan
 
     if plan is not None and artifact is not None:
         raise QuantPlanError("pass either --plan (simulate) or --artifact (the materialized model), not both")
     the_plan = Plan.load(plan) if plan is not None else None
     if artifact is not None:
         read_manifest(artifact)  # a missing or unreadable artifact fails before the model loads
-    spec, calib_spec = DataSpec.parse(data), DataSpec.parse(calib_data or data)
-    net, tokenizer = load_model(model, dtype=dtype)
-    if the_plan is not None:
-        validate_plan(net, the_plan)
-    if artifact is not None:
-        verify_artifact(artifact, net)  # checksums and the base fingerprint, before the base evaluation
-    seq_len = seq_len or min(2048, int(getattr(net.config, "max_position_embeddings", 2048)))
-    windows = eval_windows(spec, tokenizer, seq_len=seq_len, max_windows=samples, split="test")
-    base = evaluate(net, windows, batch_size=batch_size, progress=True)
-    out: dict[str, Any] = {"model": model, "data": str(spec), "seq_len": seq_len, "windows": int(windows.shape[0])}
+
+    def check(net: Any) -> None:  # before any data work
+        if the_plan is not None:
+            validate_plan(net, the_plan)
+        if artifact is not None:
+            verify_artifact(artifact, net)  # checksums and the base fingerprint, before the base evaluation
+
+    spec = LoadSpec(model=model, data=data, dtype=dtype, seq_len=seq_len, max_seq_len=2048, calib_data=calib_data,
+                    calib_samples=calib_samples if the_plan is not None else 0, calib_seq_len=calib_seq_len,
+                    calib_max_seq_len=512, seed=seed, windows=True, eval_samples=samples)
+    loaded = load(spec, plan=the_plan, check=check)
+    windows = loaded.windows
+    assert windows is not None
+    base = evaluate(loaded.net, windows, batch_size=batch_size, progress=True)
+    out: dict[str, Any] = {"model": model, "data": str(loaded.data), "seq_len": loaded.seq_len,
+                           "windows": int(windows.shape[0])}
     out |= base.to_dict()
     if the_plan is not None:
-        calib = None
-        if needs_calibration(net, the_plan):
-            calib_len = calib_seq_len or min(seq_len, 512)
-            calib = calibration_set(calib_spec, tokenizer, samples=calib_samples, seq_len=calib_len, seed=seed).tokens
-        result = evaluate_plan(net, the_plan, windows, calib, base_result=base, batch_size=batch_size, progress=True)
+        result = evaluate_plan(loaded.net, the_plan, windows, loaded.calib_tokens, base_result=base,
+                               batch_size=batch_size, progress=True)
         out |= {k: v for k, v in result.to_dict().items() if k not in ("tokens",)}
     if artifact is not None:
-        result = evaluate_artifact(net, artifact, windows, base_result=base, batch_size=batch_size, progress=True)
+        result = evaluate_artifact(loaded.net, artifact, windows, base_result=base, batch_size=batch_size,
+                                   progress=True)
         out |= {k: v for k, v in result.to_dict().items() if k not in ("tokens",)} | {"artifact": str(artifact)}
     if json_out:
         print_json(out)
@@ -110,7 +113,8 @@ def eval_command(
     row = {"plan": out.get("plan", "unquantized"), **out}
     stdout.print(
         table_view(
-            f"{model} on {spec} ({out['tokens']:,} tokens, seq_len {seq_len})", EVAL_COLUMNS, [row], EVAL_FORMATS
+            f"{model} on {out['data']} ({out['tokens']:,} tokens, seq_len {out['seq_len']})", EVAL_COLUMNS, [row],
+            EVAL_FORMATS
         )
     )
 
@@ -139,25 +143,11 @@ def sensitivity_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Fisher sensitivities of every layer to every weight and activation scheme, on Ray workers (cached)."""
-    from quantplan.workers.data import DataSpec, calibration_set
-    from quantplan.workers.models import load_model
-    from quantplan.workers.pipeline import sensitivity_table
+    from quantplan.workers.pipeline import LoadSpec, load, loaded_table
 
-    spec = DataSpec.parse(data)
-    net, tokenizer = load_model(model, dtype=dtype)
-    seq_len = seq_len or min(512, int(getattr(net.config, "max_position_embeddings", 512)))
-    calib = calibration_set(spec, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
-    table, cached = sensitivity_table(
-        net,
-        calib,
-        model_name=model,
-        workers=workers,
-        micro_batch=micro_batch,
-        act_samples=act_samples,
-        address=ray_address,
-        cache=not no_cache,
-        progress=True,
-    )
+    loaded = load(LoadSpec(model=model, data=data, dtype=dtype, seq_len=seq_len, calib_samples=samples, seed=seed))
+    table, cached = loaded_table(loaded, workers=workers, address=ray_address, progress=True,
+                                 micro_batch=micro_batch, act_samples=act_samples, cache=not no_cache)
     path = table.save(out)
     if json_out:
         print_json(
@@ -211,20 +201,20 @@ def demo_command(
     from quantplan.service.jobs import JobSpec
     from quantplan.service.jobs_cmd import extract_artifact, open_storage, print_leaderboard, run_local_job
     from quantplan.service.views import leaderboard_view, plan_view
-    from quantplan.workers.data import calibration_set, eval_windows
-    from quantplan.workers.demo import DEFAULT_STEPS, build_demo_model
+    from quantplan.workers.demo import CALIB_SAMPLES, DEFAULT_STEPS, build_demo_model
     from quantplan.workers.evaluate import evaluate
-    from quantplan.workers.models import load_model
-    from quantplan.workers.pipeline import evaluate_plan
+    from quantplan.workers.pipeline import load
+    from quantplan.workers.plan_eval import evaluate_plan
 
     demo = build_demo_model(steps=steps or DEFAULT_STEPS, force=rebuild, progress=True)
-    net, tokenizer = load_model(str(demo.path))
-    windows = eval_windows(demo.data_spec, tokenizer, seq_len=seq_len, max_windows=samples)
-    calib = calibration_set(demo.calib_spec, tokenizer, samples=32, seq_len=seq_len)
+    loaded = load(demo.load_spec(seq_len=seq_len, samples=samples))
+    net, windows = loaded.net, loaded.windows
+    assert windows is not None
     base = evaluate(net, windows, progress=True)
     rows: list[dict[str, Any]] = [{"plan": "FP32", "avg_bits": 32.0, "perplexity": base.perplexity, "kl": 0.0}]
     for scheme in DEMO_SCHEMES:
-        result = evaluate_plan(net, Plan.uniform(scheme), windows, calib.tokens, base_result=base, progress=True)
+        result = evaluate_plan(net, Plan.uniform(scheme), windows, loaded.calib_tokens, base_result=base,
+                               progress=True)
         rows.append(result.to_dict())
     if not json_out:
         stdout.print(table_view(f"demo model: perplexity on held-out text ({base.tokens:,} tokens)", EVAL_COLUMNS,
@@ -233,7 +223,7 @@ def demo_command(
     # the search as a stored job, run here by the same runner a server uses
     repo, store = open_storage(db)
     spec = JobSpec(model=str(demo.path), data=demo.calib_spec, eval_data=demo.data_spec, budget_bits=4.25,
-                   trials=trials, eval_top=2, samples=32, seq_len=seq_len, eval_samples=samples)
+                   trials=trials, eval_top=2, samples=CALIB_SAMPLES, seq_len=seq_len, eval_samples=samples)
     job = run_local_job(repo, store, spec, progress=not json_out)
     best = next(p for p in repo.plans_for_job(job.id) if any(a.kind == "packed" for a in p.artifacts))
     packed = next(a for a in best.artifacts if a.kind == "packed")

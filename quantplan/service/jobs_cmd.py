@@ -20,6 +20,7 @@ import typer
 from quantplan.errors import QuantPlanError
 from quantplan.service.console import print_json, stderr, stdout
 from quantplan.service.console import table as table_view
+from quantplan.service.jobs import DEFAULTS, JobSpec, SpecError
 from quantplan.service.views import PLAN_COLUMNS, PLAN_FORMATS, job_view, leaderboard_view, plan_row, plan_view
 
 log = logging.getLogger("quantplan.service.jobs")
@@ -58,25 +59,27 @@ DataOpt = Annotated[str, _Opt("--data", "-d", help="Calibration and evaluation d
 BudgetBitsOpt = Annotated[float | None, _Opt("--budget-bits", help="Average bits per weight (scales included).")]
 BudgetMbOpt = Annotated[float | None, _Opt("--budget-mb", help="Bytes of the quantizable weights, in MB.")]
 EvalDataOpt = Annotated[str | None, _Opt("--eval-data", help="Held-out data (default: --data, test split).")]
-ActBitsOpt = Annotated[int | None, _Opt("--act-bits", help="8 (W4A8/W8A8, default) or 16 (weight-only).")]
-TrialsOpt = Annotated[int | None, _Opt("--trials", min=0, help="Optuna trials [default: 100].")]
-EvalTopOpt = Annotated[int | None, _Opt("--eval-top", min=0, help="Measure the K best Pareto plans and the "
-                                        "baselines [default: 2].")]
-MaterializeTopOpt = Annotated[int | None, _Opt("--materialize-top", min=0, help="Materialize the K best measured "
-                                               "plans [default: 1].")]
-SamplesOpt = Annotated[int | None, _Opt("--samples", min=1, help="Calibration windows [default: 64].")]
+ActBitsOpt = Annotated[int | None, _Opt("--act-bits", show_default=str(DEFAULTS["act_bits"]),
+                                       help="8 (W4A8/W8A8) or 16 (weight-only).")]
+TrialsOpt = Annotated[int | None, _Opt("--trials", min=0, show_default=str(DEFAULTS["trials"]), help="Optuna trials.")]
+EvalTopOpt = Annotated[int | None, _Opt("--eval-top", min=0, show_default=str(DEFAULTS["eval_top"]),
+                                        help="Measure the K best Pareto plans and the baselines.")]
+MaterializeTopOpt = Annotated[int | None, _Opt("--materialize-top", min=0,
+                                               show_default=str(DEFAULTS["materialize_top"]),
+                                               help="Materialize the K best measured plans.")]
+SamplesOpt = Annotated[int | None, _Opt("--samples", min=1, show_default=str(DEFAULTS["samples"]),
+                                        help="Calibration windows.")]
 SeqLenOpt = Annotated[int | None, _Opt("--seq-len", min=2, help="Window length (default: min(512, max)).")]
 EvalSamplesOpt = Annotated[int | None, _Opt("--eval-samples", min=1, help="Evaluate at most N windows.")]
 SpecFileOpt = Annotated[Path | None, _Opt("--spec", help="A JSON job spec with any further options (skip, "
-                                          "max_dynamic_share, space, symmetry, weights, seed, workers, dtype); "
-                                          "flags given on the command line win.")]
+                                          "max_dynamic_share, space, symmetry, low_bits, weights, eval_baselines, "
+                                          "select, refine, seed, workers, dtype); flags given on the command line "
+                                          "win.")]
 
 
-def spec_from_options(spec_file: Path | None, options: dict[str, Any]) -> Any:
+def spec_from_options(spec_file: Path | None, options: dict[str, Any]) -> JobSpec:
     """A validated `JobSpec` from a spec file (optional) overlaid with the command's options that name spec fields
     and were given (not None)."""
-    from quantplan.service.jobs import JobSpec, SpecError
-
     given = {k: v for k, v in options.items() if k in JobSpec.model_fields}
 
     base: dict[str, Any] = {}

@@ -2,7 +2,8 @@
 
 One job, five stages, each resumable after a crash (a restarted runner skips what is already done):
 
-- `load`: validate the spec, load the model, register it (`models`).
+- `load`: the model, calibration set and evaluation windows (`service.pipeline.load_spec` of the spec, validated
+  when it was parsed), the model registered (`models`).
 - `sensitivity`: the Fisher table on Ray workers. Kept: the table is cached by (fingerprint, calibration,
   estimator) and archived (`sensitivity_tables` + the artifact store), so a resumed job reuses it.
 - `search`: knapsack + the Optuna study `job-<id>` in the project database + measured re-scoring. Kept: the
@@ -34,17 +35,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from quantplan.errors import QuantPlanError
 from quantplan.service.jobs import JobSpec
+from quantplan.service.pipeline import RunOptions, SearchInputs, SearchReport, load_spec, search_stage, to_materialize
 from quantplan.storage import JobRecord, JobStateError, NewPlan, Repository
 from quantplan.storage.artifacts import ArtifactStore
 from quantplan.storage.db import safe_url
 
 if TYPE_CHECKING:
+    from quantplan.quant.schemes import LayerScheme
     from quantplan.search.problem import Candidate
-    from quantplan.service.search_cmd import SearchReport
+    from quantplan.workers.pipeline import Loaded
+    from quantplan.workers.table import SensitivityTable
 
 log = logging.getLogger("quantplan.service.runner")
 
@@ -197,7 +201,7 @@ class JobRun:
         self.job, self.beat = job, beat
         self.spec = JobSpec.parse(job.spec)
         self.address = runner.config.ray_address
-        self.workers = self.spec.workers
+        self.model_id = 0  # the `models` row, set by the load stage
         self._last_progress = 0.0
 
     def stage(self, name: str, progress: float | None = None) -> None:
@@ -212,19 +216,13 @@ class JobRun:
         log.info("job %d: %s", self.job.id, name)
 
     def run(self) -> None:
-        from quantplan.search.budget import Budget
-        from quantplan.search.space import SearchSpace
-
-        spec = self.spec
-        budget = Budget(spec.budget_bits, spec.budget_mb)  # bad input fails before any model is loaded
-        space = SearchSpace(spec.act_bits, spec.symmetry, False, tuple(spec.weights) if spec.weights else None,
-                            spec.skip, spec.max_dynamic_share)
+        """The stages in order; the spec was validated (budget, space, data syntax) when it was parsed."""
         self.stage("load", PROGRESS["load"])
         loaded = self._load()
         self.stage("sensitivity", PROGRESS["sensitivity"])
         inputs = self._sensitivity(loaded)
         self.stage("search", PROGRESS["search"])
-        report = self._search(inputs, budget, space)
+        report = self._search(inputs)
         self.stage("store", PROGRESS["store"])
         plan_ids = self._store(loaded, report)
         self.stage("materialize", PROGRESS["materialize"])
@@ -232,54 +230,35 @@ class JobRun:
 
     # ------------------------------------------------------------------ stages
 
-    def _load(self) -> _Loaded:
-        from quantplan.workers.data import DataSpec
-        from quantplan.workers.models import load_model, model_fingerprint, model_identity
+    def _load(self) -> Loaded:
+        """The model with its calibration set and evaluation windows, registered in `models`."""
+        from quantplan.workers.pipeline import load
 
         spec = self.spec
-        data, eval_data = DataSpec.parse(spec.data), DataSpec.parse(spec.eval_data or spec.data)
-        net, tokenizer = load_model(spec.model, dtype=spec.dtype)
-        identity = model_identity(spec.model, net)
-        fingerprint = model_fingerprint(net)
-        model = self.repo.upsert_model(spec.model, fingerprint, revision=identity["revision"],
+        loaded = load(load_spec(spec))
+        identity = loaded.identity
+        model = self.repo.upsert_model(spec.model, loaded.fingerprint, revision=identity["revision"],
                                        parameter_count=identity["parameters"],
                                        architecture=identity["architecture"])
-        seq_len = spec.seq_len or min(512, int(getattr(net.config, "max_position_embeddings", 512)))
-        return _Loaded(net, tokenizer, model.id, fingerprint, identity, data, eval_data, seq_len)
+        self.model_id = model.id
+        return loaded
 
-    def _sensitivity(self, loaded: _Loaded) -> Any:
-        from quantplan.quant.apply import layer_shapes
-        from quantplan.service.search_cmd import SearchInputs, selection_windows
-        from quantplan.workers.data import DataSpec, calibration_set, eval_windows
-        from quantplan.workers.pipeline import sensitivity_table
+    def _sensitivity(self, loaded: Loaded) -> SearchInputs:
+        from quantplan.workers.pipeline import loaded_table
 
-        spec = self.spec
-        calib = calibration_set(loaded.data, loaded.tokenizer, samples=spec.samples, seq_len=loaded.seq_len,
-                                seed=spec.seed)
-        self._fetch_table(loaded, calib)
-        table, cached = sensitivity_table(loaded.net, calib, model_name=spec.model, workers=self.workers,
-                                          address=self.address, progress=self.runner.progress,
-                                          fingerprint=loaded.fingerprint)
+        self._fetch_table(loaded)
+        table, cached = loaded_table(loaded, workers=self.spec.workers, address=self.address,
+                                     progress=self.runner.progress)
         log.info("job %d: sensitivity table %s (%s)", self.job.id, table.key, "reused" if cached else "computed")
-        self._keep_table(table, loaded.model_id)
-        windows = eval_windows(loaded.eval_data, loaded.tokenizer, seq_len=loaded.seq_len,
-                               max_windows=spec.eval_samples, split="test")
-        select_windows = None
-        if spec.select == "perplexity":
-            select_spec = DataSpec.parse(spec.select_data) if spec.select_data else loaded.data
-            select_windows = selection_windows(select_spec, loaded.eval_data, loaded.tokenizer, loaded.seq_len,
-                                             spec.select_samples or spec.eval_samples)
-        loaded.calibration = calib
-        loaded.windows = windows
-        loaded.inputs = SearchInputs(loaded.net, table, calib.tokens, windows, layer_shapes(loaded.net),
-                                     select_windows)
-        return loaded.inputs
+        self._keep_table(table)
+        return SearchInputs.from_loaded(loaded, table)
 
-    def _fetch_table(self, loaded: _Loaded, calibration: Any) -> None:
+    def _fetch_table(self, loaded: Loaded) -> None:
         """A table another runner stored (e.g. on another machine) goes into the local cache, so it is reused."""
         from quantplan.workers.pipeline import cached_table_path, table_identity
 
-        key = table_identity(loaded.net, calibration, fingerprint=loaded.fingerprint)[0]
+        assert loaded.calibration is not None
+        key = table_identity(loaded.net, loaded.calibration, fingerprint=loaded.fingerprint)[0]
         path = cached_table_path(key)
         record = self.repo.get_table(key)
         if path.is_file() or record is None or record.sha256 is None or not self.store.exists(record.sha256):
@@ -288,23 +267,18 @@ class JobRun:
         self.store.get_file(record.sha256, path)
         log.info("job %d: sensitivity table %s fetched from the artifact store", self.job.id, key)
 
-    def _keep_table(self, table: Any, model_id: int) -> None:
+    def _keep_table(self, table: SensitivityTable) -> None:
         """Archive the table in the artifact store and index it by key (first writer wins)."""
         if self.repo.get_table(table.key) is not None:
             return
         with tempfile.TemporaryDirectory(prefix="quantplan-table-") as tmp:
             stored = self.store.put_file(table.save(Path(tmp) / "table.safetensors"))
-        self.repo.put_table(table.key, stored.uri, sha256=stored.sha256, model_id=model_id)
+        self.repo.put_table(table.key, stored.uri, sha256=stored.sha256, model_id=self.model_id)
 
-    def _search(self, inputs: Any, budget: Any, space: Any) -> SearchReport:
-        from quantplan.search.study import StudySettings
-        from quantplan.service.search_cmd import run_pipeline
-
-        spec = self.spec
-        settings = StudySettings(spec.trials, spec.space, spec.seed, f"job-{self.job.id}", self.repo.db.url)
-        return run_pipeline(inputs, budget, space, settings, eval_top=spec.eval_top, workers=self.workers,
-                            address=self.address, progress=self.runner.progress, select=spec.select,
-                            refine=spec.refine, refine_tol=spec.refine_tol, on_trial=self._on_trial)
+    def _search(self, inputs: SearchInputs) -> SearchReport:
+        run = RunOptions(address=self.address, progress=self.runner.progress, study=f"job-{self.job.id}",
+                         storage=self.repo.db.url)
+        return search_stage(inputs, self.spec, run, on_trial=self._on_trial)
 
     def _on_trial(self, done: int, total: int) -> None:
         """Between Optuna trials: honour a cancel (the heartbeat thread saw it) and report progress every 2 s."""
@@ -318,10 +292,10 @@ class JobRun:
             except JobStateError:
                 raise Lost from None
 
-    def _store(self, loaded: _Loaded, report: SearchReport) -> dict[tuple[str, ...], int]:
+    def _store(self, loaded: Loaded, report: SearchReport) -> dict[tuple[LayerScheme, ...], int]:
         """The Pareto set and the references with their predictions and measurements, in one transaction."""
         dataset = str(loaded.eval_data)
-        candidates: dict[tuple[str, ...], Candidate] = {}
+        candidates: dict[tuple[LayerScheme, ...], Candidate] = {}
         for c in report.candidates():
             candidates.setdefault(c.schemes, c)
         pareto = {c.schemes for c in report.result.pareto}
@@ -331,26 +305,26 @@ class JobRun:
             metrics = {(name, dataset): float(measured[key]) for key in ("perplexity", "kl") if key in measured
                        for name in (key, f"{key}_simulated")}  # the materialized model's replace the first
             plan = report.problem.plan(c, meta={"job": self.job.id, "label": c.label, "recipe": c.recipe})
-            new.append(NewPlan(plan, c.avg_bits, c.bytes, _act_bits(c), c.predicted_loss, c.schemes in pareto,
+            new.append(NewPlan(plan, c.avg_bits, c.bytes, c.act_bits, c.predicted_loss, c.schemes in pareto,
                                metrics))
-        ids = self.repo.add_plans(loaded.model_id, new, job_id=self.job.id, runner=self.runner.id)
+        ids = self.repo.add_plans(self.model_id, new, job_id=self.job.id, runner=self.runner.id)
         log.info("job %d: stored %d plans (%d on the Pareto front)", self.job.id, len(ids), len(pareto))
         return dict(zip(candidates, ids, strict=True))  # per-layer schemes -> plan id
 
-    def _materialize(self, loaded: _Loaded, report: SearchReport, plan_ids: dict[tuple[str, ...], int]) -> None:
+    def _materialize(self, loaded: Loaded, report: SearchReport,
+                     plan_ids: dict[tuple[LayerScheme, ...], int]) -> None:
         """Pack the best measured plans (best first), measure the real artifacts, archive them."""
-        from quantplan.workers.artifacts import materialize_plan
         from quantplan.workers.evaluate import evaluate
+        from quantplan.workers.pipeline import materialize
 
-        chosen = _to_materialize(report, self.spec.materialize_top)
+        chosen = to_materialize(report, self.spec.materialize_top)
         pending = [c for c in chosen if not self._has_artifact(plan_ids[c.schemes])]
         if not pending:
             return
+        assert loaded.windows is not None
         # the unquantized model on these windows, as the search measured it (measured here when it did not)
-        base = loaded.inputs.bases.get(id(loaded.windows)) or evaluate(loaded.net, loaded.windows)
+        base = report.base or evaluate(loaded.net, loaded.windows)
         dataset = str(loaded.eval_data)
-        eval_info = {"data": dataset, "split": "test", "seq_len": loaded.seq_len,
-                     "windows": int(loaded.windows.shape[0])}
         for i, candidate in enumerate(pending):
             if i > 0:  # the stage itself was entered (and logged) before the first plan
                 self.stage("materialize", PROGRESS["materialize"] + 0.2 * i / len(pending))
@@ -358,12 +332,8 @@ class JobRun:
             plan = report.problem.plan(candidate, meta={"job": self.job.id, "plan_id": plan_id})
             with _scratch() as tmp:
                 out = tmp / "artifact"
-                _, real = materialize_plan(loaded.net, plan, loaded.calibration.tokens, out,
-                                           windows=loaded.windows, eval_info=eval_info,
-                                           model_info={**loaded.identity, "fingerprint": loaded.fingerprint},
-                                           base_result=base)
+                _, real = materialize(loaded, plan, out, base_result=base)
                 stored = self.store.put_dir(out)
-            assert real is not None
             self.repo.set_metrics(plan_id, {("perplexity", dataset): real.perplexity, ("kl", dataset): real.kl,
                                             ("base_perplexity", dataset): real.base_perplexity,
                                             "artifact_bytes": float(stored.size)})
@@ -373,40 +343,6 @@ class JobRun:
 
     def _has_artifact(self, plan_id: int) -> bool:
         return any(a.kind == PACKED for a in self.repo.get_plan(plan_id).artifacts)
-
-
-@dataclass
-class _Loaded:
-    net: Any
-    tokenizer: Any
-    model_id: int
-    fingerprint: str
-    identity: dict[str, Any]
-    data: Any
-    eval_data: Any
-    seq_len: int
-    calibration: Any = None
-    windows: Any = None
-    inputs: Any = None  # the search's SearchInputs
-
-
-def _act_bits(c: Candidate) -> int:
-    return min(16 if s.endswith(":a16") else 8 for s in c.schemes)
-
-
-def _to_materialize(report: SearchReport, top: int) -> list[Candidate]:
-    """The search's best plan first, then the next measured plans within budget and space by measured KL."""
-    if top <= 0 or report.best is None:
-        return []
-    fits = [c for c in report.candidates()
-            if c.under_budget and c.in_space and c.label in report.measured and c.label != report.best.label]
-    fits.sort(key=lambda c: report.measured[c.label]["kl"])
-    chosen: dict[tuple[str, ...], Candidate] = {report.best.schemes: report.best}
-    for c in fits:
-        if len(chosen) >= top:
-            break
-        chosen.setdefault(c.schemes, c)
-    return list(chosen.values())
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from torch import nn
 from quantplan.quant.artifact import ArtifactInfo, load_quantized, materialize
 from quantplan.quant.plan import Plan
 from quantplan.workers.evaluate import EvalResult, evaluate
-from quantplan.workers.pipeline import PlanEval, plan_label
+from quantplan.workers.plan_eval import PlanEval, plan_label
 
 log = logging.getLogger(__name__)
 

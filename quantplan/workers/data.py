@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 
 from quantplan.errors import DataError
+from quantplan.workers.dataspec import ACCEPTED_FORMS, WIKITEXT_FILES, DataSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -78,91 +79,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Split = Literal["train", "validation", "test"]
-Kind = Literal["wikitext2", "text"]
 SPLITS: tuple[str, ...] = get_args(Split)
-KINDS: tuple[str, ...] = get_args(Kind)
 
-ACCEPTED_FORMS = "wikitext2 (hub), wikitext2:<dir> (with wiki.{test,valid,train}.raw) or text:<file>[,<file>...]"
 HUB_DATASET = ("wikitext", "wikitext-2-raw-v1")
-WIKITEXT_FILES = {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}
 
 _TEXT_CACHE_SIZE = 4
 _TOKEN_CACHE_SIZE = 8
 
 
 # --------------------------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """A parsed data spec: ``kind`` plus local ``paths`` (``()`` for the hub). ``str()`` round-trips."""
-
-    kind: Kind
-    paths: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise DataError(f"unknown data kind {self.kind!r}: use {ACCEPTED_FORMS}")
-        if not isinstance(self.paths, tuple) or not all(isinstance(p, str) and p for p in self.paths):
-            raise DataError(f"data spec paths must be a tuple of non-empty strings, got {self.paths!r}")
-        if self.kind == "wikitext2" and len(self.paths) > 1:
-            raise DataError(f"wikitext2 takes at most one directory, got {len(self.paths)}: use {ACCEPTED_FORMS}")
-        if self.kind == "text":
-            if not self.paths:
-                raise DataError(f"text: needs at least one file: use {ACCEPTED_FORMS}")
-            if any("," in p for p in self.paths):
-                raise DataError("text: file names must not contain ',' (it separates files); rename the file")
-
-    @classmethod
-    def parse(cls, spec: str) -> DataSpec:
-        """Parse ``wikitext2``, ``wikitext2:<dir>`` or ``text:<file>[,<file>...]``; check the paths exist."""
-        if not isinstance(spec, str):
-            raise DataError(f"data spec must be a string, got {type(spec).__name__}: use {ACCEPTED_FORMS}")
-        text = spec.strip()
-        kind, sep, rest = text.partition(":")
-        kind = kind.strip().lower()
-        rest = rest.strip()
-        if kind == "wikitext2":
-            if not sep:
-                return cls("wikitext2", ())
-            if not rest:
-                raise DataError(f"wikitext2: needs a directory after ':': use {ACCEPTED_FORMS}")
-            path = _absolute(rest)
-            if not os.path.isdir(path):
-                raise DataError(
-                    f"wikitext2 directory not found: {rest}; use wikitext2:<dir> with a directory holding "
-                    "wiki.test.raw and wiki.valid.raw (and optionally wiki.train.raw)"
-                )
-            if not any(os.path.isfile(os.path.join(path, f)) for f in WIKITEXT_FILES.values()):
-                raise DataError(
-                    f"wikitext2 directory {rest} holds none of wiki.test.raw, wiki.valid.raw, wiki.train.raw; "
-                    "point it at the raw wikitext-2-raw-v1 files"
-                )
-            return cls("wikitext2", (path,))
-        if kind == "text":
-            files = [f.strip() for f in rest.split(",")] if rest else []
-            files = [f for f in files if f]
-            if not files:
-                raise DataError(f"text: needs at least one file: use {ACCEPTED_FORMS}")
-            paths = []
-            for f in files:
-                path = _absolute(f)
-                if os.path.isdir(path):
-                    raise DataError(f"text file is a directory: {f}; list text files, e.g. text:a.txt,b.txt")
-                if not os.path.isfile(path):
-                    raise DataError(f"text file not found: {f}; use text:<file>[,<file>...] with existing files")
-                paths.append(path)
-            return cls("text", tuple(paths))
-        raise DataError(f"unknown data spec {spec!r}: use {ACCEPTED_FORMS}")
-
-    def __str__(self) -> str:
-        if self.kind == "wikitext2":
-            return f"wikitext2:{self.paths[0]}" if self.paths else "wikitext2"
-        return "text:" + ",".join(self.paths)
-
-
-def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def _as_spec(spec: DataSpec | str) -> DataSpec:

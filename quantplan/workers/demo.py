@@ -29,6 +29,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from quantplan.workers.pipeline import LoadSpec
+
 logger = logging.getLogger(__name__)
 
 # Bump when the recipe changes in a way the constants below do not capture (invalidates old caches).
@@ -59,6 +61,7 @@ TRAIN_SPEC = {
     "grad_clip": 1.0,
 }
 HELDOUT_FRAC = 0.10
+CALIB_SAMPLES = 32  # calibration windows of the demo's scheme table and of its search job
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,12 @@ class DemoModel:
     def calib_spec(self) -> str:
         """Calibration data spec: the training text (calibrating on eval text would leak)."""
         return f"text:{self.train_file}"
+
+    def load_spec(self, *, seq_len: int, samples: int | None = None) -> LoadSpec:
+        """What the demo loads: the model, `CALIB_SAMPLES` calibration windows of the training text and at most
+        `samples` evaluation windows of the held-out text."""
+        return LoadSpec(model=str(self.path), data=self.calib_spec, seq_len=seq_len, calib_samples=CALIB_SAMPLES,
+                        windows=True, eval_data=self.data_spec, eval_samples=samples)
 
 
 def demo_cache_dir() -> Path:

@@ -1,79 +1,157 @@
-"""Pipelines over workers: evaluate a model under a plan; get or compute (and cache) a sensitivity table."""
+"""The torch side of the pipeline: load a model with its data, get its sensitivity table, measure plans.
+
+Stages hand frozen, typed objects forward: `load(LoadSpec) -> Loaded` (model, tokenizer, data specs,
+calibration set, evaluation and selection windows: the prologue every command and the job runner share);
+`loaded_table(Loaded) -> (SensitivityTable, cached)` (the cached or computed Fisher table; `table_for` also
+takes a given file, checked against the model); `materialize(Loaded, Plan, out) -> (ArtifactInfo, PlanEval)`
+(packed, then measured for real); `Measurer` measures plans on Ray, the unquantized model once per window set.
+The orchestration that also runs the search is `quantplan.service.pipeline` (workers does not import search).
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 import torch
 from torch import nn
 
-from quantplan.quant.apply import apply_plan
+from quantplan.quant.apply import layer_shapes, needs_calibration, validate_plan
+from quantplan.quant.artifact import ArtifactInfo
+from quantplan.quant.costs import TableError, TableInfo, read_table_info
 from quantplan.quant.plan import Plan
-from quantplan.workers.data import CalibrationSet
-from quantplan.workers.evaluate import EvalResult, evaluate
-from quantplan.workers.models import model_fingerprint
+from quantplan.workers.artifacts import materialize_plan
+from quantplan.workers.data import CalibrationSet, DataSpec, calibration_set, eval_windows, load_text
+from quantplan.workers.evaluate import EvalResult
+from quantplan.workers.models import load_model, model_fingerprint, model_identity
+from quantplan.workers.plan_eval import PlanEval, evaluate_plan, plan_label
 from quantplan.workers.sensitivity import CLIP_GRID, ESTIMATOR_VERSION, WEIGHT_SCHEMES, act_set_start
 from quantplan.workers.table import SensitivityTable, table_key
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "LoadSpec", "Loaded", "Measurer", "PlanEval", "cached_table_path", "evaluate_plan", "load", "loaded_table",
+    "materialize",
+    "plan_label",
+    "selection_windows", "sensitivity_cache_dir", "sensitivity_table", "table_for", "table_identity",
+]
 
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------------------------- load
+
+
 @dataclass(frozen=True)
-class PlanEval:
-    """Measured quality and exact size of a model under a plan."""
+class LoadSpec:
+    """What to load: the model, its data specs, and which token sets to build from them."""
 
-    plan: str  # a short label: the uniform scheme, or "custom"
-    perplexity: float
-    nll: float
-    kl: float
-    tokens: int
-    avg_bits: float
-    bytes: int
-    base_perplexity: float
+    model: str  # a Hugging Face id or a local directory
+    data: str  # calibration (train split) and, without eval_data, evaluation (test split) data
+    dtype: str = "float32"
+    device: str = "cpu"
+    seq_len: int | None = None  # window length; default min(max_seq_len, the model's max positions)
+    max_seq_len: int = 512
+    calib_data: str | None = None  # default: data
+    calib_samples: int = 0  # calibration windows; 0: no calibration set
+    calib_seq_len: int | None = None  # default: seq_len, at most calib_max_seq_len
+    calib_max_seq_len: int | None = None
+    seed: int = 0  # calibration sampling
+    windows: bool = False  # build the evaluation windows (test split of eval_data)
+    eval_data: str | None = None  # default: data
+    eval_samples: int | None = None  # at most this many evaluation windows
+    select: bool = False  # build the selection slice (validation split of select_data)
+    select_data: str | None = None  # default: data
+    select_samples: int | None = None  # the last N windows of the slice (default: all)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    """A loaded model with its parsed data specs and the token sets its `LoadSpec` asked for."""
+
+    spec: LoadSpec
+    net: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    data: DataSpec
+    eval_data: DataSpec
+    seq_len: int
+    calibration: CalibrationSet | None = None
+    windows: torch.Tensor | None = field(default=None, repr=False)  # [n, seq_len] evaluation windows
+    select_windows: torch.Tensor | None = field(default=None, repr=False)  # the selection slice
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The model's weight fingerprint (hashed once: it reads every weight)."""
+        return model_fingerprint(self.net)
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """`workers.models.model_identity` of the model (name, revision, architecture, parameters, ...)."""
+        return model_identity(self.spec.model, self.net)
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return layer_shapes(self.net)
+
+    @property
+    def calib_tokens(self) -> torch.Tensor | None:
+        return None if self.calibration is None else self.calibration.tokens
+
+    def eval_info(self) -> dict[str, Any]:
+        """What the evaluation windows are, as an artifact's manifest records it."""
+        assert self.windows is not None, "load with LoadSpec(windows=True)"
+        return {"data": str(self.eval_data), "split": "test", "seq_len": self.seq_len,
+                "windows": int(self.windows.shape[0])}
 
 
-def plan_label(plan: Plan) -> str:
-    """The default scheme for a uniform plan, else 'custom (N rules)'."""
-    return str(plan.default.scheme) if not plan.layers else f"custom ({len(plan.layers)} rules)"
+def load(spec: LoadSpec, *, plan: Plan | None = None, check: Callable[[nn.Module], object] | None = None) -> Loaded:
+    """Parse the data specs, load the model, then build the token sets `spec` asks for. `check(net)` runs right
+    after the model loads, before any data work (default with a `plan`: `validate_plan`); with a `plan`, the
+    calibration set is built only when the plan needs one."""
+    data = DataSpec.parse(spec.data)  # bad specs fail before the model loads
+    eval_data = DataSpec.parse(spec.eval_data) if spec.eval_data else data
+    calib_data = DataSpec.parse(spec.calib_data) if spec.calib_data else data
+    select_data = DataSpec.parse(spec.select_data) if spec.select_data else data
+    net, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
+    if check is not None:
+        check(net)
+    elif plan is not None:
+        validate_plan(net, plan)
+    seq_len = spec.seq_len or min(spec.max_seq_len, int(getattr(net.config, "max_position_embeddings",
+                                                                spec.max_seq_len)))
+    calibration = None
+    if spec.calib_samples and (plan is None or needs_calibration(net, plan)):
+        calib_len = spec.calib_seq_len or min(seq_len, spec.calib_max_seq_len or seq_len)
+        calibration = calibration_set(calib_data, tokenizer, samples=spec.calib_samples, seq_len=calib_len,
+                                      seed=spec.seed)
+    windows = select = None
+    if spec.windows:
+        windows = eval_windows(eval_data, tokenizer, seq_len=seq_len, max_windows=spec.eval_samples, split="test")
+    if spec.select:
+        select = selection_windows(select_data, eval_data, tokenizer, seq_len, spec.select_samples)
+    return Loaded(spec, net, tokenizer, data, eval_data, seq_len, calibration, windows, select)
 
 
-def evaluate_plan(
-    base: nn.Module,
-    plan: Plan,
-    windows: torch.Tensor,
-    calibration: torch.Tensor | None = None,
-    *,
-    base_result: EvalResult | None = None,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> PlanEval:
-    """Perplexity and KL(base || quantized) of `base` under `plan`; `base` itself is left untouched."""
-    if base_result is None:
-        base_result = evaluate(base, windows, batch_size=batch_size, progress=progress)
-    model = copy.deepcopy(base)
-    report = apply_plan(model, plan, calibration, batch_size=batch_size)
-    log.info("evaluating %s: %d layers quantized", plan_label(plan), len(report.replaced))
-    result = evaluate(model, windows, reference=base, batch_size=batch_size, progress=progress)
-    assert report.cost is not None and result.kl is not None
-    return PlanEval(
-        plan=plan_label(plan),
-        perplexity=result.perplexity,
-        nll=result.nll,
-        kl=result.kl,
-        tokens=result.tokens,
-        avg_bits=report.cost.avg_bits,
-        bytes=report.cost.bytes,
-        base_perplexity=base_result.perplexity,
-    )
+def selection_windows(spec: DataSpec, eval_spec: DataSpec, tokenizer: Any, seq_len: int,
+                      count: int | None) -> torch.Tensor:
+    """The last `count` windows of the selection text's validation split; a warning when that text is the
+    evaluation text itself (the reported numbers would then not be held out from the choice)."""
+    windows = eval_windows(spec, tokenizer, seq_len=seq_len, split="validation")
+    if load_text(spec, "validation") == load_text(eval_spec, "test"):
+        log.warning("the selection slice (%s) is the evaluation text: the reported perplexity is not held out "
+                    "from the choice; pass --select-data or --eval-data", spec)
+    return windows if count is None else windows[-count:]
+
+
+# ---------------------------------------------------------------------------------------------- sensitivity
 
 
 def sensitivity_cache_dir() -> Path:
@@ -132,3 +210,83 @@ def sensitivity_table(
     if cache:
         table.save(path)
     return table, False
+
+
+def loaded_table(loaded: Loaded, *, workers: int = 1, address: str | None = None, progress: bool = False,
+                 micro_batch: int = 1, act_samples: int | None = None,
+                 cache: bool = True) -> tuple[SensitivityTable, bool]:
+    """The sensitivity stage: the cached or freshly computed table of the loaded model and calibration set.
+    Returns (table, cached)."""
+    assert loaded.calibration is not None, "load with LoadSpec(calib_samples=N)"
+    table, cached = sensitivity_table(loaded.net, loaded.calibration, model_name=loaded.spec.model, workers=workers,
+                                      micro_batch=micro_batch, act_samples=act_samples, address=address,
+                                      cache=cache, progress=progress, fingerprint=loaded.fingerprint)
+    log.info("sensitivity table %s (%s)", table.key, "cached" if cached else "computed")
+    return table, cached
+
+
+def table_for(loaded: Loaded, path: Path | None = None, *, workers: int = 1, address: str | None = None,
+              progress: bool = False) -> TableInfo:
+    """The table at `path` (checked against the loaded model), else `loaded_table`'s."""
+    if path is None:
+        return loaded_table(loaded, workers=workers, address=address, progress=progress)[0]
+    info = read_table_info(path)
+    found = info.model.get("fingerprint")
+    if found != loaded.fingerprint:
+        raise TableError(
+            f"{path} was computed for another model (fingerprint {str(found)[:12]}, this model "
+            f"{loaded.fingerprint[:12]}); leave out --table to compute the table for this model"
+        )
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- materialize
+
+
+def materialize(loaded: Loaded, plan: Plan, out: Path, *, base_result: EvalResult | None = None,
+                overwrite: bool = False, batch_size: int = 8, progress: bool = False) -> tuple[ArtifactInfo, PlanEval]:
+    """The materialize stage: calibrate, pack `plan` into the artifact directory `out` and measure the real
+    quantized model on the loaded evaluation windows (`base_result`: the unquantized model's, when known)."""
+    assert loaded.windows is not None, "load with LoadSpec(windows=True)"
+    info, real = materialize_plan(loaded.net, plan, loaded.calib_tokens, out, windows=loaded.windows,
+                                  eval_info=loaded.eval_info(), model_info=loaded.identity, base_result=base_result,
+                                  overwrite=overwrite, batch_size=batch_size, progress=progress)
+    assert real is not None
+    return info, real
+
+
+# ---------------------------------------------------------------------------------------------- measure
+
+
+class Measurer:
+    """Measures plans on Ray workers (`workers.tasks.evaluate_plans`), the unquantized model once per window set."""
+
+    def __init__(self, net: nn.Module, calib_tokens: torch.Tensor | None, *, workers: int = 1,
+                 address: str | None = None, progress: bool = False) -> None:
+        self.net, self.calib_tokens = net, calib_tokens
+        self.workers, self.address, self.progress = workers, address, progress
+        self._bases: dict[int, tuple[torch.Tensor, EvalResult]] = {}  # id(windows) -> (windows, result)
+
+    def base(self, windows: torch.Tensor) -> EvalResult:
+        """The unquantized model on `windows` (measured on the first call for these windows)."""
+        from quantplan.workers.tasks import evaluate_base
+
+        if id(windows) not in self._bases:  # the tensor is kept with its result, so its id stays its own
+            result = evaluate_base(self.net, windows, workers=self.workers, address=self.address,
+                                   progress=self.progress)
+            self._bases[id(windows)] = (windows, result)
+        return self._bases[id(windows)][1]
+
+    def known_base(self, windows: torch.Tensor) -> EvalResult | None:
+        """The unquantized model's result on `windows` if it was measured, else None."""
+        hit = self._bases.get(id(windows))
+        return None if hit is None else hit[1]
+
+    def measure(self, plans: Sequence[Plan], windows: torch.Tensor) -> list[PlanEval]:
+        """Each plan's `PlanEval` on `windows`, in the order of `plans`."""
+        from quantplan.workers.tasks import evaluate_plans
+
+        if not plans:
+            return []
+        return evaluate_plans(self.net, plans, windows, self.calib_tokens, workers=self.workers,
+                              address=self.address, progress=self.progress, base=self.base(windows))

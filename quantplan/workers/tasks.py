@@ -27,6 +27,8 @@ from quantplan.errors import QuantPlanError
 from quantplan.net import AddressError, unreachable
 from quantplan.quant.apply import quantizable_modules
 from quantplan.quant.modules import linear_layout
+from quantplan.workers.evaluate import EvalResult, evaluate
+from quantplan.workers.plan_eval import PlanEval, evaluate_plan
 from quantplan.workers.sensitivity import (
     ActStats,
     FisherSums,
@@ -240,8 +242,6 @@ def _cause(e: ray.exceptions.RayTaskError) -> str:
 
 
 # -- measured evaluation of candidate plans (search re-scores its top candidates here) -----------------------
-from quantplan.workers.evaluate import EvalResult, evaluate  # noqa: E402  (appended section; no import cycle)
-from quantplan.workers.pipeline import PlanEval, evaluate_plan  # noqa: E402
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)

@@ -11,10 +11,10 @@ from quantplan.quant.plan import Plan
 from quantplan.search.budget import Budget
 from quantplan.search.space import SearchSpace
 from quantplan.search.study import StudySettings
-from quantplan.service.search_cmd import SearchInputs, run_pipeline
+from quantplan.service.pipeline import SearchInputs, search_plans
 from quantplan.workers.data import eval_windows
 from quantplan.workers.models import load_model
-from quantplan.workers.pipeline import evaluate_plan
+from quantplan.workers.plan_eval import evaluate_plan
 from quantplan.workers.tasks import evaluate_plans
 
 
@@ -23,7 +23,7 @@ def report(stories_search, tmp_path_factory):
     s = stories_search
     inputs = SearchInputs(s.net, s.table, s.calib_tokens, s.windows, layer_shapes(s.net))
     settings = StudySettings(trials=80, storage=f"sqlite:///{tmp_path_factory.mktemp('db') / 'q.db'}")
-    return run_pipeline(inputs, Budget(avg_bits=4.25), SearchSpace(act_bits=8), settings, eval_top=2, workers=2)
+    return search_plans(inputs, Budget(avg_bits=4.25), SearchSpace(act_bits=8), settings, eval_top=2, workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def selected(stories_search, tmp_path_factory):
     select = eval_windows(s.calib_spec, tokenizer, seq_len=128, split="validation")[-48:]
     inputs = SearchInputs(s.net, s.table, s.calib_tokens, s.windows, layer_shapes(s.net), select)
     settings = StudySettings(trials=80, storage=f"sqlite:///{tmp_path_factory.mktemp('db') / 'q.db'}")
-    return run_pipeline(inputs, Budget(avg_bits=4.25), SearchSpace(act_bits=8), settings, eval_top=2, workers=2,
+    return search_plans(inputs, Budget(avg_bits=4.25), SearchSpace(act_bits=8), settings, eval_top=2, workers=2,
                         select="perplexity", refine=4)
 
 

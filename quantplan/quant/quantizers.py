@@ -68,18 +68,18 @@ def quantize_weight(w: torch.Tensor, scheme: WeightScheme, clip: float | torch.T
     if scheme.asymmetric:
         lo = wg.amin(-1).clamp(max=0) * clip  # the range always contains 0 (exact zero padding)
         hi = wg.amax(-1).clamp(min=0) * clip
-        s = _round_scale((hi - lo) / qmax, down=True)
+        s = round_scale((hi - lo) / qmax, down=True)
         z = torch.round(-lo / s).clamp(0, qmax)
         q = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, qmax)
         zeros = z.to(torch.int16)
     else:
-        s = _round_scale(wg.abs().amax(-1) * clip / qmax)
+        s = round_scale(wg.abs().amax(-1) * clip / qmax)
         q = torch.round(wg / s[..., None]).clamp(-qmax - 1, qmax)
         zeros = None
     return QuantizedWeight(q.reshape(n, -1).to(torch.int16), s.to(SCALE_DTYPE), zeros, k, scheme)
 
 
-def _round_scale(s: torch.Tensor, down: bool = False) -> torch.Tensor:
+def round_scale(s: torch.Tensor, down: bool = False) -> torch.Tensor:
     """Round scales to the stored fp16 precision (through fp32, as torch converts) and keep them positive.
 
     Asymmetric scales round down (`down`), so the range spans at least qmax steps: the group's min lands on

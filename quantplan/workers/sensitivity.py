@@ -30,9 +30,9 @@ from torch import nn
 from quantplan.quant.act_handlers import act_handler
 from quantplan.quant.apply import quantizable_modules, trace_feeders
 from quantplan.quant.modules import linear_layout, linear_shape
-from quantplan.quant.quantizers import (  # _round_scale: the stored fp16 scale, as quantize_weight rounds it
-    _round_scale,
+from quantplan.quant.quantizers import (  # round_scale: the stored fp16 scale, as quantize_weight rounds it
     fake_quantize_weight,
+    round_scale,
 )
 from quantplan.quant.schemes import ActScheme, ActSchemes, WeightScheme
 from quantplan.workers.table import LayerSensitivity, SensitivityTable
@@ -566,11 +566,11 @@ def _clip_sweep(
     qmax = scheme.qmax
     if scheme.asymmetric:
         lo, hi = ranges[0] * c, ranges[1] * c  # [C, n, G]
-        s = _round_scale((hi - lo) / qmax, down=True)
+        s = round_scale((hi - lo) / qmax, down=True)
         z = torch.round(-lo / s).clamp(0, qmax)[..., None]
         q = torch.div(wg, s[..., None]).round_().add_(z).clamp_(0, qmax).sub_(z)  # [C, n, G, g]
     else:
-        s = _round_scale(ranges[0] * c / qmax)
+        s = round_scale(ranges[0] * c / qmax)
         q = torch.div(wg, s[..., None]).round_().clamp_(-qmax - 1, qmax)
     return q.mul_(s[..., None]).sub_(wg).square_().mul_(fg).sum(-1).mul_(0.5)  # 1/2 F (Q(W) - W)^2 per group
 

@@ -118,8 +118,8 @@ def load(spec: LoadSpec, *, plan: Plan | None = None, check: Callable[[nn.Module
     calibration set is built only when the plan needs one."""
     data = DataSpec.parse(spec.data)  # bad specs fail before the model loads
     eval_data = DataSpec.parse(spec.eval_data) if spec.eval_data else data
-    calib_data = DataSpec.parse(spec.calib_data) if spec.calib_data else data
-    select_data = DataSpec.parse(spec.select_data) if spec.select_data else data
+    calib_data = DataSpec.parse(spec.calib_data) if spec.calib_data and spec.calib_samples else data
+    select_data = DataSpec.parse(spec.select_data) if spec.select_data and spec.select else data
     net, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
     if check is not None:
         check(net)

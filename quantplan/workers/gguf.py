@@ -11,10 +11,12 @@ dependencies `quantplan[gguf]` (`gguf`, `accelerate`). Problems with the input r
 from __future__ import annotations
 
 import logging
+import math
 import os
+import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 # llama.cpp's `general.architecture` values of the Llama family; transformers un-permutes their q/k rows.
 ARCHITECTURES = ("llama", "mistral")
 _MAGIC = b"GGUF"
+# GGUF metadata value types: struct formats of the scalars, then the two variable-length ones.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_MAX_STRING, _MAX_DIMS = 1 << 30, 8  # far above real files (a chat template, ggml's 4 dimensions)
 _EXTRA = "pip install 'quantplan[gguf]'"
 
 
@@ -69,40 +75,109 @@ def load_gguf(gguf_file: str | Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+    except (OSError, ValueError, KeyError, IndexError, NotImplementedError) as e:
         raise ModelLoadError(
-            f"transformers could not load GGUF file {gguf_file} ({type(e).__name__}: {e}); "
-            "check that it is a complete Llama-family GGUF checkpoint, or re-download it"
+            f"transformers could not load GGUF file {gguf_file} ({type(e).__name__}: {e}): "
+            "re-download it, or convert the original Hugging Face checkpoint instead"
         ) from e
     _check_dense(model, gguf_file)
     return model.eval(), tokenizer
 
 
 def gguf_architecture(gguf_file: Path) -> str:
-    """The file's `general.architecture`, checked to be one of `ARCHITECTURES`."""
+    """The file's `general.architecture`, checked to be one of `ARCHITECTURES`, and the file checked to be whole.
+
+    Reads the metadata and tensor table with a small parser of its own (the `gguf` package's reader decodes
+    every token of a 49K vocabulary into numpy views, seconds per read), and compares the file's size with
+    the end of its last tensor, so a truncated download is named as such.
+    """
     if not gguf_file.is_file():
         raise ModelLoadError(f"GGUF file {gguf_file} does not exist: pass the path of a .gguf checkpoint")
     with gguf_file.open("rb") as f:
         magic = f.read(len(_MAGIC))
-    if magic != _MAGIC:
+        if magic != _MAGIC:
+            raise ModelLoadError(
+                f"{gguf_file} is not a GGUF file (it starts with {magic!r}, not {_MAGIC!r}): pass a llama.cpp "
+                ".gguf checkpoint (a llama2.c .bin converts with `quantplan convert-llama2c`)"
+            )
+        _require_extra()
+        try:
+            metadata, end = _read_layout(f)
+        except (EOFError, ValueError, KeyError, struct.error) as e:
+            raise ModelLoadError(f"GGUF file {gguf_file} is damaged or truncated ({e}): re-download it") from e
+    size = gguf_file.stat().st_size
+    if size < end:
         raise ModelLoadError(
-            f"{gguf_file} is not a GGUF file (it starts with {magic!r}, not {_MAGIC!r}): pass a llama.cpp .gguf "
-            "checkpoint; for a llama.cpp-style .bin use `quantplan convert-llama2c`"
+            f"GGUF file {gguf_file} is damaged or truncated ({size:,} bytes; its tensors end at byte {end:,}): "
+            "re-download it"
         )
-    _require_extra()
-    from gguf import GGUFReader
-
-    try:
-        field = GGUFReader(gguf_file).get_field("general.architecture")
-        architecture = field.contents() if field is not None else None
-    except (ValueError, IndexError, OSError) as e:
-        raise ModelLoadError(f"GGUF file {gguf_file} is damaged or truncated ({e}): re-download it") from e
+    architecture = metadata.get("general.architecture")
     if architecture not in ARCHITECTURES:
         raise ModelLoadError(
             f"GGUF file {gguf_file} holds a {architecture!r} model; only the Llama family "
             f"({', '.join(ARCHITECTURES)}) is supported: convert the original Hugging Face checkpoint instead"
         )
     return architecture
+
+
+def _read_layout(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    """GGUF v2/v3 after the magic: (string and scalar metadata, the byte offset where the last tensor ends)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    version, n_tensors, n_kv = _unpack(f, "<IQQ")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version}; only versions 2 and 3 are read")
+    metadata = {}
+    for _ in range(n_kv):
+        key, (value_type,) = _read_str(f), _unpack(f, "<I")
+        metadata[key] = _read_value(f, value_type)
+    end = 0
+    for _ in range(n_tensors):
+        _read_str(f)  # the tensor's name
+        (n_dims,) = _unpack(f, "<I")
+        if n_dims > _MAX_DIMS:
+            raise ValueError(f"a tensor with {n_dims} dimensions")
+        dims = _unpack(f, f"<{n_dims}Q")
+        ggml_type, offset = _unpack(f, "<IQ")
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        end = max(end, offset + math.prod(dims) // block * block_bytes)
+    alignment = int(metadata.get("general.alignment", 32))
+    return metadata, -(-f.tell() // alignment) * alignment + end
+
+
+def _read_value(f: BinaryIO, value_type: int) -> Any:
+    """One metadata value; arrays are skipped (None): only strings and scalars are kept."""
+    if value_type == _STRING:
+        return _read_str(f)
+    if value_type in _SCALARS:
+        return _unpack(f, "<" + _SCALARS[value_type])[0]
+    if value_type != _ARRAY:
+        raise ValueError(f"unknown metadata value type {value_type}")
+    item_type, count = _unpack(f, "<IQ")
+    if item_type in _SCALARS:
+        f.seek(count * struct.calcsize(_SCALARS[item_type]), os.SEEK_CUR)
+    else:
+        for _ in range(count):
+            _read_value(f, item_type)
+    return None
+
+
+def _read_str(f: BinaryIO) -> str:
+    (length,) = _unpack(f, "<Q")
+    if length > _MAX_STRING:
+        raise ValueError(f"a metadata string of {length:,} bytes")
+    data = f.read(length)
+    if len(data) < length:
+        raise EOFError("the file ends inside its metadata")
+    return data.decode("utf-8")
+
+
+def _unpack(f: BinaryIO, fmt: str) -> tuple[Any, ...]:
+    size = struct.calcsize(fmt)
+    data = f.read(size)
+    if len(data) < size:
+        raise EOFError("the file ends inside its metadata")
+    return struct.unpack(fmt, data)
 
 
 def _require_extra() -> None:

@@ -29,8 +29,9 @@ __all__ = ["ARCHITECTURES", "convert_gguf", "gguf_architecture", "load_gguf"]
 
 log = logging.getLogger(__name__)
 
-# llama.cpp's `general.architecture` values of the Llama family; transformers un-permutes their q/k rows.
-ARCHITECTURES = ("llama", "mistral")
+# `general.architecture` values whose q/k rows transformers un-permutes (its LlamaTensorProcessor). llama.cpp writes
+# "llama" for Llama, Mistral and SmolLM checkpoints alike.
+ARCHITECTURES = ("llama",)
 _MAGIC = b"GGUF"
 # GGUF metadata value types: struct formats of the scalars, then the two variable-length ones.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -68,7 +69,6 @@ def load_gguf(gguf_file: str | Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     """
     gguf_file = Path(gguf_file)
     gguf_architecture(gguf_file)  # fails early, with a message, on a file transformers would misread
-    _require_extra()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, name = str(gguf_file.parent), gguf_file.name
@@ -114,8 +114,9 @@ def gguf_architecture(gguf_file: Path) -> str:
     architecture = metadata.get("general.architecture")
     if architecture not in ARCHITECTURES:
         raise ModelLoadError(
-            f"GGUF file {gguf_file} holds a {architecture!r} model; only the Llama family "
-            f"({', '.join(ARCHITECTURES)}) is supported: convert the original Hugging Face checkpoint instead"
+            f"GGUF file {gguf_file} holds a {architecture!r} model; only the Llama family (architecture "
+            f"{' or '.join(map(repr, ARCHITECTURES))}) is supported: convert the original Hugging Face checkpoint "
+            "instead"
         )
     return architecture
 

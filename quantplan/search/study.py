@@ -32,6 +32,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from quantplan.quant.schemes import LayerScheme
 from quantplan.search import knapsack, recipes
 from quantplan.search.problem import Candidate, Problem
 from quantplan.search.space import SearchError
@@ -137,7 +138,7 @@ def run_search(
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
     """The nondominated candidates in (predicted loss, bytes), one per distinct plan, by bytes."""
     front: list[Candidate] = []
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple[LayerScheme, ...]] = set()
     for c in sorted(candidates, key=lambda c: (c.bytes, c.predicted_loss, c.trial if c.trial is not None else -1)):
         if c.schemes in seen or (front and front[-1].predicted_loss <= c.predicted_loss):
             continue

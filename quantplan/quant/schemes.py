@@ -155,7 +155,9 @@ class ActScheme(str, metaclass=_ActRegistry):
         raise AttributeError(f"activation scheme {self.name} is immutable")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return ActScheme.parse, (self.name,)  # unpickles to the registered object: `is` keeps working
+        # Unpickles through the class (a lookup in `__new__`) to the registered object, so `is` keeps working. Not
+        # through `ActScheme.parse`: cloudpickle (Ray) ships a classmethod's function by value, without its globals.
+        return ActScheme, (self.name,)
 
     def __repr__(self) -> str:
         return f"ActScheme({self.name!r})"

@@ -133,3 +133,18 @@ def test_plan_cost_over_layers() -> None:
 def test_group_larger_than_k_is_an_error() -> None:
     with pytest.raises(PlanError, match="larger than in_features K=64"):
         Plan.uniform("w4g128").cost({"layer": (32, 64)})
+
+
+def test_act_schemes_survive_ray_pickling() -> None:
+    """Ray ships arguments with cloudpickle: every registered activation scheme comes back as the same object, in
+    a payload that refers to the class (a by-value copy of the registry's lookup would fail to unpickle)."""
+    import pickle
+
+    from ray import cloudpickle
+
+    for act in ActScheme:
+        payload = cloudpickle.dumps(act)
+        assert pickle.loads(payload) is act
+        assert len(payload) < 200, f"{act} pickled by value ({len(payload)} bytes)"
+    layer = LayerScheme.parse("w4g128:a8-lae")
+    assert pickle.loads(cloudpickle.dumps(layer)).act is ActScheme.LAE

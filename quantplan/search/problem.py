@@ -215,7 +215,7 @@ def compile_problem(
         raise QuantPlanError(f"--skip {space.skip!r} matches every layer: nothing is left to search")
     groups, keys = _groups(table.layers, skipped)
     valid, cost, bits = _arrays(table.layers, weights, acts, weight_acts, space, skipped)
-    _restrict_groups(valid, groups)
+    restrict_groups(valid, groups)
     _check_choices(table.layers, valid, weights)
     params = sum(layer.params for layer in table.layers)
     size = bits if budget.unit == "bits" else -(-bits // 8)
@@ -310,7 +310,7 @@ def _served(weight: WeightScheme, acts: tuple[ActScheme, ...],
     return {acts.index(a) for a in weight_acts.get(weight, ())}
 
 
-def _restrict_groups(valid: np.ndarray, groups: Sequence[Sequence[int]]) -> None:
+def restrict_groups(valid: np.ndarray, groups: Sequence[Sequence[int]]) -> None:
     """A group keeps the activation schemes all its members can take."""
     for members in groups:
         idx = list(members)

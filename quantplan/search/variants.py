@@ -16,7 +16,7 @@ import numpy as np
 
 from quantplan.quant.schemes import ActScheme, LayerScheme
 from quantplan.search import knapsack
-from quantplan.search.problem import Candidate, Problem, _restrict_groups
+from quantplan.search.problem import Candidate, Problem, restrict_groups
 
 Restriction = Callable[[Problem], np.ndarray]  # [L, A, W] bool: the choices kept
 RESTRICTIONS: dict[str, Restriction] = {}
@@ -70,7 +70,7 @@ def variant(problem: Problem, name: str) -> Candidate | None:
     """The proxy optimum within the budget under restriction `name` (labelled `knapsack:<name>`), or None."""
     valid = problem.valid & RESTRICTIONS[name](problem)
     valid[problem.skipped] = problem.valid[problem.skipped]
-    _restrict_groups(valid, problem.groups)
+    restrict_groups(valid, problem.groups)
     if not valid.any(axis=(1, 2)).all():
         return None
     restricted = dataclasses.replace(problem, valid=valid)

@@ -18,6 +18,8 @@ Everything here is tensor-in, tensor-out; `workers/tasks.py` distributes it on R
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from quantplan.quant.quantizers import (  # round_scale: the stored fp16 scale, 
 )
 from quantplan.quant.schemes import ActScheme, ActSchemes, WeightScheme
 from quantplan.workers.table import LayerSensitivity, SensitivityTable
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SCHEMES: tuple[WeightScheme, ...] = tuple(
     WeightScheme(b, g, a) for b, g, a in itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (False, True))
@@ -79,6 +83,77 @@ def model_width(model: nn.Module) -> int:
 
 def _batch_size(model: nn.Module, tokens: torch.Tensor, batch_size: int | None) -> int:
     return batch_size or batch_sequences(tokens.shape[1], model_width(model))
+
+
+# -- memory model (docs/SENSITIVITY.md, "Memory") ---------------------------------------------------------------
+# Resident bytes of the interpreter with torch and transformers imported, before any model (measured on CPU).
+RUNTIME_BYTES = 450 << 20
+# Float32 values saved between forward and backward per token, per input and output feature of every quantizable
+# layer (a Llama block keeps its q/k/v, gate/up inputs, its outputs, attention and MLP temporaries: measured on
+# SmolLM2-135M, docs/BENCHMARKS.md "Sensitivity memory").
+ACT_VALUES_PER_FEATURE = 1.0
+# Activations a worker may hold by default, on top of runtime, weights and Fisher sums (`default_max_memory`).
+DEFAULT_ACT_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class PassMemory:
+    """Predicted resident bytes of `sensitivity_pass`: `fixed + tokens_held * per_token`, where `fixed` is the
+    runtime, the weights, the Fisher accumulators (float32, one per quantizable weight) and one chunk of logits
+    with its softmax (`LOSS_CHUNK_ELEMENTS`), and `per_token` the activations saved for the backward."""
+
+    runtime: int
+    weights: int
+    fisher: int
+    logits_chunk: int
+    per_token: int
+
+    @property
+    def fixed(self) -> int:
+        return self.runtime + self.weights + self.fisher + self.logits_chunk
+
+    def peak(self, tokens_held: int) -> int:
+        return self.fixed + tokens_held * self.per_token
+
+    def tokens(self, max_memory: int) -> int:
+        """Tokens whose activations fit `max_memory` besides the fixed part (0 when not even that fits)."""
+        return max(0, (max_memory - self.fixed) // self.per_token)
+
+
+def pass_memory(model: nn.Module) -> PassMemory:
+    """The memory model of the sensitivity pass on `model` (float32 compute, as the Ray tasks run it)."""
+    layers = [linear_shape(m) for m in quantizable_modules(model).values()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in itertools.chain(model.parameters(), model.buffers())}  # tied weights counted once
+    vocab = getattr(model.get_output_embeddings(), "out_features", 0) if hasattr(model, "get_output_embeddings") else 0
+    features = sum(n + k for n, k in layers)
+    return PassMemory(runtime=RUNTIME_BYTES, weights=sum(storages.values()), fisher=4 * sum(n * k for n, k in layers),
+                      logits_chunk=2 * 4 * vocab * max(1, LOSS_CHUNK_ELEMENTS // max(vocab, 1)),  # logits + softmax
+                      per_token=max(1, round(4 * ACT_VALUES_PER_FEATURE * features)))
+
+
+def default_max_memory(model: nn.Module, workers: int = 1) -> int:
+    """The default memory budget of one worker: its fixed part plus DEFAULT_ACT_BYTES of activations, and never
+    more than half the machine's memory divided among the workers."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(total // (2 * workers), pass_memory(model).fixed + DEFAULT_ACT_BYTES)
+
+
+def batch_plan(model: nn.Module, seq_len: int, micro_batch: int = 1, max_memory: int | None = None) -> tuple[int, int]:
+    """(sequences per forward, batches of the act set held at once) for `max_memory` bytes: the largest batch of
+    whole micro-batches (at most `batch_sequences`) whose activations fit, and as many held batches (at most
+    ACT_IN_FLIGHT) as fit. Without `max_memory`: `batch_sequences` and ACT_IN_FLIGHT. At least one of each, even
+    when the budget holds less (a warning says so)."""
+    batch = batch_sequences(seq_len, model_width(model))
+    if max_memory is None:
+        return batch, ACT_IN_FLIGHT
+    memory = pass_memory(model)
+    fit = memory.tokens(max_memory) // seq_len  # sequences whose activations fit
+    batch = _batch_length(micro_batch, min(batch, max(fit, 1)))
+    if fit < batch:
+        log.warning("the sensitivity pass needs about %.2f GB for one batch of %d sequences, over the %.2f GB "
+                    "budget (--max-memory)", memory.peak(batch * seq_len) / 1e9, batch, max_memory / 1e9)
+    return batch, max(1, min(ACT_IN_FLIGHT, fit // batch))
 
 
 # -- activation statistics (forward only) -----------------------------------------------------------------
@@ -320,11 +395,12 @@ def fisher_sums(
     if params is not None and not deferred:
         state.resolve(params)
     held: list[_Batch] = []
+    split = lm_split(model)
     feeders = trace_feeders(model, names) if stats is not None else nullcontext({})
     with feeders as traced, _fisher_hooks({n: modules[n] for n in names}, sums, state, stats, params is not None):
         for part, size in _batches(tokens, micro_batch, _batch_size(model, tokens, batch_size)):
             batch = state.batch = _Batch(part.shape[0] // size, size * (part.shape[1] - 1))
-            batch.loss = _sum_of_microbatch_losses(model, part, batch.groups)
+            batch.loss = _sum_of_microbatch_losses(model, split, part, batch.groups)
             held.append(batch)
             if not deferred:
                 _backward(held.pop(), sums, params is not None)
@@ -363,11 +439,83 @@ def _batch_length(micro_batch: int, batch_size: int) -> int:
     return max(1, batch_size // micro_batch) * micro_batch
 
 
-def _sum_of_microbatch_losses(model: nn.Module, tokens: torch.Tensor, groups: int) -> torch.Tensor:
-    """sum_b L_b over `groups` equal micro-batches (L_b: mean next-token loss of micro-batch b)."""
-    logits = model(input_ids=tokens, use_cache=False).logits[:, :-1]
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+def _sum_of_microbatch_losses(
+    model: nn.Module, split: tuple[nn.Module, nn.Linear] | None, tokens: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """sum_b L_b over `groups` equal micro-batches (L_b: mean next-token loss of micro-batch b). With `split`
+    (`lm_split`: a causal LM whose logits are its head applied to its trunk's last hidden states) the trunk runs
+    and the loss over the vocabulary is computed in chunks (`chunked_nll`); else from the model's full logits."""
+    targets = tokens[:, 1:].flatten()
+    if split is None:
+        logits = model(input_ids=tokens, use_cache=False).logits[:, :-1]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum")
+    else:
+        trunk, head = split
+        hidden = trunk(input_ids=tokens, use_cache=False).last_hidden_state[:, :-1]  # [B, L-1, H]
+        nll = chunked_nll(hidden.flatten(0, 1), head.weight, head.bias, targets)
     return nll * (groups / (tokens.numel() - tokens.shape[0]))
+
+
+# -- the LM loss over the vocabulary in chunks --------------------------------------------------------------
+# Config entries that change the logits after the head (softcapping, scaling): such a model keeps its full logits.
+_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+LOSS_CHUNK_ELEMENTS = 1 << 22  # positions x vocabulary per chunk of logits: 16 MiB of float32
+
+
+def lm_split(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(trunk, head) of a transformers causal LM whose logits are `head(trunk(ids).last_hidden_state)`: the head
+    an nn.Linear that no quantizable layer is (it carries no hook) and the trunk the base model holding every
+    quantizable layer; None for anything else (another model, softcapped or scaled logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if type(head) is not nn.Linear or any(getattr(config, k, None) is not None for k in _AFTER_HEAD):
+        return None
+    trunk = _trunk(model, list(quantizable_modules(model)))
+    return None if trunk is model or head in set(trunk.modules()) else (trunk, head)
+
+
+def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+    """sum_t -log softmax(W h_t + b)[y_t] (float32) over positions t of `hidden` [T, H], with at most one chunk of
+    LOSS_CHUNK_ELEMENTS logits alive in forward and backward: F.cross_entropy(F.linear(hidden, W, b).float(),
+    targets, reduction="sum") without its [T, V] logits, log-probabilities and their gradients."""
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    return _ChunkedNLL.apply(hidden, weight, bias, targets, chunk)
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """The loss of `chunked_nll`; backward recomputes each chunk's logits for dL/dh = (softmax - onehot) W (and
+    dL/dW, dL/db only when they require grad: the sensitivity pass's frozen head does not)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk = chunk
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for h, y in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+            total += F.cross_entropy(F.linear(h, weight, bias).float(), y, reduction="sum")
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None
+        db = torch.zeros_like(bias) if need_b else None
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h, y = hidden[i:i + ctx.chunk], targets[i:i + ctx.chunk]
+            d = F.linear(h, weight, bias).float().softmax(-1)  # [c, V] dL/dlogits = (p - onehot(y)) grad
+            d[torch.arange(len(y)), y] -= 1
+            d = d.mul_(grad).to(weight.dtype)
+            if dh is not None:
+                torch.mm(d, weight, out=dh[i:i + ctx.chunk])
+            if dw is not None:
+                dw.addmm_(d.t(), h)
+            if db is not None:
+                db.add_(d.sum(0))
+        return dh, dw, db, None, None
 
 
 @contextmanager
@@ -483,6 +631,7 @@ def sensitivity_pass(
     micro_batch: int = 1,
     act_samples: int | None = None,
     batch_size: int | None = None,
+    max_memory: int | None = None,
 ) -> tuple[ActStats, FisherSums]:
     """Statistics, Fisher sums and activation costs of `model` on `tokens` in one process, with one forward
     per token wherever the estimator and the memory bound allow.
@@ -491,10 +640,14 @@ def sensitivity_pass(
     that measures them, so they are measured on the last sequences only (`act_set_start`). Every sequence
     before them runs the Fisher forward + backward, whose forward records its statistics. Then the act set's
     first ACT_IN_FLIGHT batches go forward, completing the statistics, the parameters are computed, and their
-    backwards run. Only an act set longer than that needs a forward of its remaining sequences beforehand."""
-    batch_size = _batch_size(model, tokens, batch_size)
+    backwards run. Only an act set longer than that needs a forward of its remaining sequences beforehand.
+
+    `max_memory` (bytes) sizes the batches and how many are held from the memory model (`batch_plan`); an
+    explicit `batch_size` overrides the former. Neither changes the results beyond float rounding."""
+    planned, in_flight = batch_plan(model, tokens.shape[1], micro_batch, max_memory)
+    batch_size = batch_size or planned
     n, start = tokens.shape[0], act_set_start(tokens, micro_batch, act_samples)
-    held = min(n, start + ACT_IN_FLIGHT * _batch_length(micro_batch, batch_size))  # act set's batches held at once
+    held = min(n, start + in_flight * _batch_length(micro_batch, batch_size))  # act set's batches held at once
     stats, sums, params = ActStats(), FisherSums(), {}
     if start:
         sums = fisher_sums(model, tokens[:start], micro_batch=micro_batch, batch_size=batch_size, stats=stats)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantplan.quant.apply import apply_plan, quantizable_modules
@@ -24,9 +25,11 @@ from quantplan.workers.sensitivity import (
     act_quant_error,
     act_set_start,
     block_costs,
+    chunked_nll,
     collect_act_stats,
     fisher_sums,
     layer_act_params,
+    lm_split,
     percentile_from_hist,
     sensitivity_pass,
     spearman,
@@ -34,12 +37,16 @@ from quantplan.workers.sensitivity import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny() -> LlamaForCausalLM:
+def _tiny_llama(vocab: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LlamaForCausalLM:
+    return _tiny_llama(64)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +161,65 @@ def test_fused_pass_equals_statistics_then_fisher(tiny, samples, micro_batch, ac
     for name, f in ref.fisher.items():
         torch.testing.assert_close(sums.fisher[name], f, rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(sums.act_cost[name], ref.act_cost[name], rtol=1e-4, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def wide_vocab() -> LlamaForCausalLM:
+    """A tiny Llama whose vocabulary (3,000) dwarfs its width, as real LMs' do."""
+    return _tiny_llama(3000)
+
+
+@pytest.mark.parametrize(("micro_batch", "act_samples", "batch_size"), [(1, 3, 2), (2, None, None)])
+def test_chunked_loss_equals_full_logits(wide_vocab, monkeypatch, micro_batch, act_samples, batch_size) -> None:
+    """The loss over the vocabulary in chunks (the head never runs on a whole batch) gives the same statistics,
+    Fisher sums, activation costs and loss as the model's full logits, to 1e-5 relative."""
+    import quantplan.workers.sensitivity as sensitivity
+
+    monkeypatch.setattr(sensitivity, "LOSS_CHUNK_ELEMENTS", 7 * 3000)  # 7 positions per chunk: many chunks
+    tokens = torch.randint(2, 3000, (6, 16), generator=torch.Generator().manual_seed(3))
+    head_calls = []
+    hook = wide_vocab.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        stats, sums = sensitivity_pass(copy.deepcopy(wide_vocab), tokens, micro_batch=micro_batch,
+                                       act_samples=act_samples, batch_size=batch_size)
+        assert not head_calls  # no [tokens, vocab] logits from the head
+        monkeypatch.setattr(sensitivity, "lm_split", lambda _model: None)
+        ref_stats, ref = sensitivity_pass(copy.deepcopy(wide_vocab), tokens, micro_batch=micro_batch,
+                                          act_samples=act_samples, batch_size=batch_size)
+        assert head_calls
+    finally:
+        hook.remove()
+    assert (sums.batches, sums.act_batches, sums.tokens) == (ref.batches, ref.act_batches, ref.tokens)
+    assert sums.loss_sum == pytest.approx(ref.loss_sum, rel=1e-6)
+    for name in ref.fisher:
+        assert torch.equal(stats.channel_absmax[name], ref_stats.channel_absmax[name])
+        torch.testing.assert_close(sums.fisher[name], ref.fisher[name], rtol=1e-5, atol=0)
+        torch.testing.assert_close(sums.act_cost[name], ref.act_cost[name], rtol=1e-5, atol=0)
+
+
+def test_chunked_nll_gradients_equal_cross_entropy() -> None:
+    """Loss and the gradients of hidden states, head weight and bias equal cross-entropy over full logits."""
+    gen = torch.Generator().manual_seed(0)
+    h, w, b = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((19, 8), (50, 8), (50,)))
+    y = torch.randint(0, 50, (19,), generator=gen)
+    grads = []
+    for loss_fn in (lambda h, w, b: chunked_nll(h, w, b, y),
+                    lambda h, w, b: F.cross_entropy(F.linear(h, w, b), y, reduction="sum")):
+        args = [t.clone().requires_grad_(True) for t in (h, w, b)]
+        loss = loss_fn(*args)
+        (2.5 * loss).backward()
+        grads.append((loss.detach(), *(a.grad for a in args)))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_lm_split_only_where_the_logits_are_the_head_of_the_trunk(wide_vocab) -> None:
+    trunk, head = lm_split(wide_vocab)
+    assert trunk is wide_vocab.model and head is wide_vocab.lm_head
+    capped = copy.deepcopy(wide_vocab)
+    capped.config.final_logit_softcapping = 30.0
+    assert lm_split(capped) is None
+    assert lm_split(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
 
 
 def test_act_set_start_keeps_whole_micro_batches() -> None:

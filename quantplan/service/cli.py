@@ -137,6 +137,9 @@ def sensitivity_command(
     act_samples: Annotated[int | None, typer.Option(
         "--act-samples", min=1, help="Activation costs on the last N calibration windows (default: 4096 tokens "
         "worth; windows beyond the first 4 forward batches cost a statistics forward).")] = None,
+    max_memory: Annotated[float | None, typer.Option(
+        "--max-memory", min=0.01, help="GB per worker the pass sizes its batches to (default: its weights, Fisher "
+        "sums and 1 GiB of activations, at most half the machine's memory / workers).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even if a cached table exists.")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
@@ -147,7 +150,8 @@ def sensitivity_command(
 
     loaded = load(LoadSpec(model=model, data=data, dtype=dtype, seq_len=seq_len, calib_samples=samples, seed=seed))
     table, cached = loaded_table(loaded, workers=workers, address=ray_address, progress=True,
-                                 micro_batch=micro_batch, act_samples=act_samples, cache=not no_cache)
+                                 micro_batch=micro_batch, act_samples=act_samples, cache=not no_cache,
+                                 max_memory=None if max_memory is None else int(max_memory * 1e9))
     path = table.save(out)
     if json_out:
         print_json(

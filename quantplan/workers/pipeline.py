@@ -185,13 +185,15 @@ def sensitivity_table(
     workers: int = 1,
     micro_batch: int = 1,
     act_samples: int | None = None,
+    max_memory: int | None = None,
     address: str | None = None,
     cache: bool = True,
     progress: bool = False,
     fingerprint: str | None = None,
 ) -> tuple[SensitivityTable, bool]:
     """The table for (model weights, calibration spec, estimator): from the cache when present, else computed
-    on Ray and cached. Returns (table, cached)."""
+    on Ray and cached. Returns (table, cached). `max_memory` (bytes per worker) sizes the pass's batches: speed
+    and memory only, so it is not part of the key."""
     from quantplan.workers.tasks import compute_sensitivity  # Ray is imported only when a table must be computed
 
     key, fingerprint, estimator = table_identity(model, calibration, micro_batch=micro_batch, act_samples=act_samples,
@@ -203,7 +205,7 @@ def sensitivity_table(
     log.info("computing sensitivity table %s on %d worker(s)", key, workers)
     table = compute_sensitivity(
         model, calibration.tokens, workers=workers, micro_batch=micro_batch, act_samples=act_samples, address=address,
-        progress=progress,
+        max_memory=max_memory, progress=progress,
         key=key, model_info={"name": model_name, "fingerprint": fingerprint}, calibration=calibration.spec_dict(),
         estimator=estimator,
     )
@@ -213,14 +215,15 @@ def sensitivity_table(
 
 
 def loaded_table(loaded: Loaded, *, workers: int = 1, address: str | None = None, progress: bool = False,
-                 micro_batch: int = 1, act_samples: int | None = None,
+                 micro_batch: int = 1, act_samples: int | None = None, max_memory: int | None = None,
                  cache: bool = True) -> tuple[SensitivityTable, bool]:
     """The sensitivity stage: the cached or freshly computed table of the loaded model and calibration set.
     Returns (table, cached)."""
     assert loaded.calibration is not None, "load with LoadSpec(calib_samples=N)"
     table, cached = sensitivity_table(loaded.net, loaded.calibration, model_name=loaded.spec.model, workers=workers,
-                                      micro_batch=micro_batch, act_samples=act_samples, address=address,
-                                      cache=cache, progress=progress, fingerprint=loaded.fingerprint)
+                                      micro_batch=micro_batch, act_samples=act_samples, max_memory=max_memory,
+                                      address=address, cache=cache, progress=progress,
+                                      fingerprint=loaded.fingerprint)
     log.info("sensitivity table %s (%s)", table.key, "cached" if cached else "computed")
     return table, cached
 

@@ -34,8 +34,10 @@ from quantplan.workers.sensitivity import (
     FisherSums,
     WeightCost,
     act_set_start,
+    batch_plan,
     build_table,
     collect_act_stats,
+    default_max_memory,
     fisher_sums,
     layer_act_params,
     sensitivity_pass,
@@ -99,23 +101,25 @@ def _threads(workers: int) -> int:
 # -- remote functions (each sets its torch threads to the CPUs Ray gave it) -----------------------------------
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
 def _pass_task(model: nn.Module, tokens: torch.Tensor, micro_batch: int, act_samples: int | None,
-               threads: int) -> tuple[ActStats, FisherSums]:
+               max_memory: int, threads: int) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
-    return sensitivity_pass(model.float(), tokens, micro_batch=micro_batch, act_samples=act_samples)
+    return sensitivity_pass(model.float(), tokens, micro_batch=micro_batch, act_samples=act_samples,
+                            max_memory=max_memory)
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _stats_task(model: nn.Module, tokens: torch.Tensor, threads: int) -> tuple[ActStats, FisherSums]:
+def _stats_task(model: nn.Module, tokens: torch.Tensor, batch_size: int, threads: int) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
-    return collect_act_stats(model.float(), tokens), FisherSums()
+    return collect_act_stats(model.float(), tokens, batch_size=batch_size), FisherSums()
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _fisher_task(model: nn.Module, tokens: torch.Tensor, params: dict | None, micro_batch: int,
+def _fisher_task(model: nn.Module, tokens: torch.Tensor, params: dict | None, micro_batch: int, batch_size: int,
                  threads: int) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
     stats = ActStats()  # recorded on a Fisher-only shard (no parameters); an act-set shard's are known already
-    sums = fisher_sums(model.float(), tokens, params, micro_batch=micro_batch, stats=stats if params is None else None)
+    sums = fisher_sums(model.float(), tokens, params, micro_batch=micro_batch, batch_size=batch_size,
+                       stats=stats if params is None else None)
     return stats, sums
 
 
@@ -133,13 +137,15 @@ def compute_sensitivity(
     workers: int = 1,
     micro_batch: int = 1,
     act_samples: int | None = None,
+    max_memory: int | None = None,
     address: str | None = None,
     threads: int | None = None,
     progress: bool = False,
     **meta: Any,
 ) -> SensitivityTable:
     """The SensitivityTable of `model` on calibration `tokens` [samples, seq_len], on `workers` Ray workers
-    (activation costs on the last `act_samples` sequences: `workers.sensitivity.act_set_start`).
+    (activation costs on the last `act_samples` sequences: `workers.sensitivity.act_set_start`), each sizing its
+    batches to `max_memory` bytes (default `default_max_memory`: see `workers.sensitivity.batch_plan`).
 
     Each task gets `threads` CPUs and torch threads (default: the cluster's CPUs / workers).
     `meta` (key, model_info, calibration, estimator) is stored in the table as given.
@@ -149,13 +155,16 @@ def compute_sensitivity(
     init_ray(address)
     threads = threads or _threads(workers)
     opts = {"num_cpus": threads}
+    max_memory = max_memory or default_max_memory(model, workers)
     model_ref = ray.put(model.eval())
     with _progress(progress) as track:
         if workers == 1:  # one process: the fused pass, one forward per token
-            stats, sums = track("sensitivity pass", [
-                _pass_task.options(**opts).remote(model_ref, tokens, micro_batch, act_samples, threads)])[0]
+            stats, sums = track("sensitivity pass", [_pass_task.options(**opts).remote(
+                model_ref, tokens, micro_batch, act_samples, max_memory, threads)])[0]
         else:
-            stats, sums = _parallel_pass(model, model_ref, tokens, workers, micro_batch, act_samples, opts, track)
+            batch_size = batch_plan(model, tokens.shape[1], micro_batch, max_memory)[0]
+            stats, sums = _parallel_pass(model, model_ref, tokens, workers, micro_batch, act_samples, batch_size,
+                                         opts, track)
         chunks = _layer_chunks(model, sums, 2 * workers)
         costs: dict[str, dict[str, WeightCost]] = {}
         for part in track("weight costs", [_weight_task.options(**opts).remote(c, threads) for c in chunks]):
@@ -166,7 +175,7 @@ def compute_sensitivity(
 
 def _parallel_pass(
     model: nn.Module, model_ref: ray.ObjectRef, tokens: torch.Tensor, workers: int, micro_batch: int,
-    act_samples: int | None, opts: dict, track: Callable[[str, list], list],
+    act_samples: int | None, batch_size: int, opts: dict, track: Callable[[str, list], list],
 ) -> tuple[ActStats, FisherSums]:
     """The pass on several workers: tasks over shards of the sequences before the act set run the Fisher pass
     and record statistics, while tasks over shards of the act set record its statistics (a forward); then,
@@ -175,14 +184,14 @@ def _parallel_pass(
     threads = opts["num_cpus"]
     head = _shards(tokens[:start], micro_batch, 2 * workers) if start else []
     first = track("Fisher pass and statistics", [
-        *(_fisher_task.options(**opts).remote(model_ref, s, None, micro_batch, threads) for s in head),
-        *(_stats_task.options(**opts).remote(model_ref, s, threads) for s in _shards(tokens[start:], micro_batch,
-                                                                                  2 * workers))])
+        *(_fisher_task.options(**opts).remote(model_ref, s, None, micro_batch, batch_size, threads) for s in head),
+        *(_stats_task.options(**opts).remote(model_ref, s, batch_size, threads)
+          for s in _shards(tokens[start:], micro_batch, 2 * workers))])
     stats = reduce(ActStats.merge, (s for s, _ in first))
     sums = reduce(FisherSums.merge, (f for _, f in first))
     params = layer_act_params(model, stats)
     for _, part in track("activation costs", [
-            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, threads)
+            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, batch_size, threads)
             for s in _shards(tokens[start:], micro_batch, 2 * workers)]):
         sums.merge(part)
     return stats, sums

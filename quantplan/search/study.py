@@ -58,7 +58,7 @@ def database_url(url: str | None = None) -> str:
 class StudySettings:
     """How many trials the study should hold, in which trial space, and where it lives."""
 
-    trials: int = 500
+    trials: int = 300  # the same as quantplan.service.jobs.DEFAULTS (tests/service/test_defaults.py)
     space: str = "structured"  # a key of search.trials.SPACES
     seed: int = 0
     name: str | None = None  # default: derived from the table, budget and space (reruns resume)

@@ -102,6 +102,16 @@ def test_search_help_jobspec_and_openapi_show_the_same_defaults(client: TestClie
     assert schema["materialize_top"]["default"] == fields["materialize_top"].default == DEFAULTS["materialize_top"]
 
 
+def test_the_search_library_defaults_agree_with_the_table() -> None:
+    """`quantplan.search` cannot import the service (layering), so its own defaults are checked against the table."""
+    from quantplan.search.space import SearchSpace
+    from quantplan.search.study import StudySettings
+
+    settings, space = StudySettings(), SearchSpace()
+    assert (settings.trials, settings.space, settings.seed) == (DEFAULTS["trials"], DEFAULTS["space"], DEFAULTS["seed"])
+    assert (space.symmetry, space.low_bits) == (DEFAULTS["symmetry"], DEFAULTS["low_bits"])
+
+
 @pytest.mark.parametrize("command", ["run", "submit"])
 def test_run_and_submit_help_show_the_table(command: str) -> None:
     blocks = _option_blocks(_help(command))

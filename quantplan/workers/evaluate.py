@@ -37,6 +37,7 @@ from torch import nn
 
 from quantplan.quant.modules import FakeQuantLinear
 from quantplan.quant.qlinear import QuantLinear
+from quantplan.workers.lm import CHUNKED_LMS, LMSplit, split_lm
 
 __all__ = ["CHUNKED_LMS", "EvalMemory", "EvalResult", "eval_memory", "evaluate"]
 
@@ -50,22 +51,7 @@ _CHUNK_ELEMENTS = 1 << 22
 _CHUNK_FLOAT64_COPIES = 5
 DEFAULT_BATCH_SIZE = 8
 
-# Transformers causal LM classes (exact classes, not subclasses) whose forward is
-# ``logits = self.lm_head(<body>(input_ids).last_hidden_state)`` with nothing after the head: class name ->
-# attribute path of the body that forward calls (it applies the final norm; OPT's decoder also `project_out`).
-CHUNKED_LMS: dict[str, str] = {
-    "LlamaForCausalLM": "model",
-    "MistralForCausalLM": "model",
-    "Qwen2ForCausalLM": "model",
-    "Qwen3ForCausalLM": "model",
-    "OPTForCausalLM": "model.decoder",
-    "GPTNeoXForCausalLM": "gpt_neox",
-    "GPT2LMHeadModel": "transformer",
-}
-# Heads that act on every position independently (activation quantization is per token or calibrated static).
 _HEAD_TYPES = (nn.Linear, FakeQuantLinear, QuantLinear)
-# Config entries that change the logits after the head: a model that sets one takes the full-logits path.
-_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @dataclass(frozen=True)
@@ -81,35 +67,11 @@ class EvalResult:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class _Split:
-    """A causal LM cut at its head: ``logits = head(body(input_ids).last_hidden_state)``."""
-
-    body: nn.Module
-    head: nn.Module
-    vocab: int
-
-
-def _split_lm(model: nn.Module) -> _Split | None:
-    """The body and head of a recognised causal LM (`CHUNKED_LMS`), or None: use the full logits."""
-    cls = type(model)
-    path = CHUNKED_LMS.get(cls.__name__)
-    if path is None or not cls.__module__.startswith("transformers.models."):
-        return None
-    config = getattr(model, "config", None)
-    if config is None or any(getattr(config, key, None) is not None for key in _AFTER_HEAD):
-        return None
-    if model._forward_hooks or model._forward_pre_hooks or hasattr(model, "_hf_hook"):
-        return None  # something wraps the whole forward: only the full forward is faithful
-    head = getattr(model, "lm_head", None)
-    if not isinstance(head, _HEAD_TYPES):
-        return None
-    body: nn.Module = model
-    for name in path.split("."):
-        body = getattr(body, name, None)  # type: ignore[assignment]
-        if not isinstance(body, nn.Module):
-            return None
-    return _Split(body, head, int(head.out_features))
+def _split_lm(model: nn.Module) -> LMSplit | None:
+    """The body and head of a recognised causal LM (`workers.lm.split_lm`) whose head acts on every position
+    independently, or None: use the full logits."""
+    split = split_lm(model)
+    return split if split is not None and isinstance(split.head, _HEAD_TYPES) else None
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -158,7 +120,7 @@ def _logits(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 RowLogits = Callable[[int, int, int], torch.Tensor]
 
 
-def _row_logits(module: nn.Module, split: _Split | None, input_ids: torch.Tensor) -> tuple[RowLogits, int]:
+def _row_logits(module: nn.Module, split: LMSplit | None, input_ids: torch.Tensor) -> tuple[RowLogits, int]:
     """Logits of one batch by (row, positions), and the vocabulary size: from the head or from the full logits."""
     if split is None:
         logits = _logits(module, input_ids)

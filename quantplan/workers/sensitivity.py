@@ -37,6 +37,7 @@ from quantplan.quant.quantizers import (  # round_scale: the stored fp16 scale, 
     round_scale,
 )
 from quantplan.quant.schemes import ActScheme, ActSchemes, WeightScheme
+from quantplan.workers.lm import split_lm
 from quantplan.workers.table import LayerSensitivity, SensitivityTable
 
 log = logging.getLogger(__name__)
@@ -457,21 +458,20 @@ def _sum_of_microbatch_losses(
 
 
 # -- the LM loss over the vocabulary in chunks --------------------------------------------------------------
-# Config entries that change the logits after the head (softcapping, scaling): such a model keeps its full logits.
-_AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 LOSS_CHUNK_ELEMENTS = 1 << 22  # positions x vocabulary per chunk of logits: 16 MiB of float32
 
 
 def lm_split(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(trunk, head) of a transformers causal LM whose logits are `head(trunk(ids).last_hidden_state)`: the head
-    an nn.Linear that no quantizable layer is (it carries no hook) and the trunk the base model holding every
-    quantizable layer; None for anything else (another model, softcapped or scaled logits)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    if type(head) is not nn.Linear or any(getattr(config, k, None) is not None for k in _AFTER_HEAD):
+    """(trunk, head) of a causal LM whose logits are `head(trunk(ids).last_hidden_state)` (`workers.lm.split_lm`),
+    the head a plain nn.Linear that is not a quantizable layer and the trunk holding every quantizable layer; None
+    for anything else (another model, softcapped or scaled logits): the pass then uses the full logits."""
+    split = split_lm(model)
+    if split is None or type(split.head) is not nn.Linear:
         return None
-    trunk = _trunk(model, list(quantizable_modules(model)))
-    return None if trunk is model or head in set(trunk.modules()) else (trunk, head)
+    inside = set(split.body.modules())
+    if split.head in inside or any(m not in inside for m in quantizable_modules(model).values()):
+        return None
+    return split.body, split.head
 
 
 def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

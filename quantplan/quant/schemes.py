@@ -262,6 +262,11 @@ ActScheme.SMOOTH = register_act_scheme(  # SmoothQuant (arXiv 2211.10438)
 _BUILTIN_ACTS = frozenset(_ACT_REGISTRY)
 
 
+def builtin_act_scheme(scheme: ActScheme | str) -> bool:
+    """True for the strategies QuantPlan ships (a16, a8-static, a8-dynamic, a8-lae, a8-smooth)."""
+    return str(scheme) in _BUILTIN_ACTS
+
+
 @dataclass(frozen=True)
 class LayerScheme:
     """A weight scheme and an activation scheme for one linear layer."""

@@ -26,6 +26,7 @@ from quantplan.quant.apply import layer_shapes, needs_calibration, validate_plan
 from quantplan.quant.artifact import ArtifactInfo
 from quantplan.quant.costs import TableError, TableInfo, read_table_info
 from quantplan.quant.plan import Plan
+from quantplan.quant.schemes import act_schemes, builtin_act_scheme
 from quantplan.workers.artifacts import materialize_plan
 from quantplan.workers.data import CalibrationSet, DataSpec, calibration_set, eval_windows, load_text
 from quantplan.workers.evaluate import EvalResult
@@ -169,6 +170,8 @@ def table_identity(model: nn.Module, calibration: CalibrationSet, *, micro_batch
     estimator = {"version": ESTIMATOR_VERSION, "micro_batch": micro_batch, "schemes": [str(s) for s in WEIGHT_SCHEMES],
                  "clip_grid": CLIP_GRID,
                  "act_samples": tokens.shape[0] - act_set_start(tokens, micro_batch, act_samples)}
+    if any(not builtin_act_scheme(a) for a in act_schemes()):  # a registered strategy adds its own cost column
+        estimator["acts"] = [str(a) for a in act_schemes()]
     return table_key(fingerprint, calibration.spec_dict(), estimator), fingerprint, estimator
 
 

@@ -168,3 +168,22 @@ def test_materialize_and_load_run_the_strategy_on_the_kernels(
     with torch.no_grad():
         y, y_sim = model(input_ids=tokens).logits, simulated(input_ids=tokens).logits
     assert (y - y_sim).abs().max() <= 1e-3 * y_sim.abs().max()
+
+
+def test_a_registered_strategy_is_part_of_the_table_key(tokens: torch.Tensor) -> None:
+    """A table computed while a strategy is registered has its cost column: it must not be served from (or to) the
+    cache of a table computed without it. With the built-in strategies only, the key is the one it always was."""
+    from quantplan.workers.data import CalibrationSet
+    from quantplan.workers.pipeline import table_identity
+
+    model = tiny_model("llama")
+    calibration = CalibrationSet("text:x.txt", "train", tokens.shape[0], tokens.shape[1], 0, tokens.long())
+    key, _, estimator = table_identity(model, calibration)
+    assert "acts" not in estimator
+    scheme = register_act_scheme(NAME, per_token=True, summary="registered for the key test only")
+    try:
+        with_new, _, estimator = table_identity(model, calibration)
+    finally:
+        unregister_act_scheme(scheme)
+    assert with_new != key and NAME in estimator["acts"]
+    assert table_identity(model, calibration)[0] == key

@@ -392,17 +392,17 @@ def test_smollm2_converted_perplexity_equals_direct_gguf_loading(
     model, tokenizer = load_model(str(hf_dir))
     # transformers' own GGUF tokenizer (5.25) encodes this so; the converted one must too
     assert tokenizer("Hello world, the cat").input_ids == [19556, 905, 28, 260, 2644]
-    windows = eval_windows(f"wikitext2:{shared_data / 'wikitext2'}", tokenizer, seq_len=512, max_windows=8)
-    assert windows.shape == (8, 512)
-    converted = evaluate(model, windows, batch_size=4)
+    windows = eval_windows(f"wikitext2:{shared_data / 'wikitext2'}", tokenizer, seq_len=512, max_windows=2)
+    assert windows.shape == (2, 512)  # 8 windows in docs/BENCHMARKS.md; two keep the suite's time in CI
+    converted = evaluate(model, windows, batch_size=2)
     del model
     evaluated = time.perf_counter()
     direct_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
                                                         dtype=torch.float32)
-    direct = evaluate(direct_model, windows, batch_size=4)
-    print(f"\nSmolLM2-135M: fetch + convert {fetched - clock:.1f} s; perplexity on 8 x 512 WikiText-2 test tokens: "
+    direct = evaluate(direct_model, windows, batch_size=2)
+    print(f"\nSmolLM2-135M: fetch + convert {fetched - clock:.1f} s; perplexity on 2 x 512 WikiText-2 test tokens: "
           f"converted {converted.perplexity:.6f} (eval {evaluated - fetched:.1f} s), transformers' GGUF loading "
           f"{direct.perplexity:.6f} (load + eval {time.perf_counter() - evaluated:.1f} s); "
           f"relative difference {abs(converted.perplexity / direct.perplexity - 1):.2e}")
     assert abs(converted.perplexity - direct.perplexity) <= 1e-4 * direct.perplexity
-    assert 10 < converted.perplexity < 100  # a working language model, not noise (30.64 when measured)
+    assert 10 < converted.perplexity < 100  # a working language model, not noise (30.64 on 8 windows)

@@ -37,14 +37,20 @@ def child(args: argparse.Namespace) -> dict:
     from quantplan.workers.data import calibration_set
     from quantplan.workers.models import load_model
     from quantplan.workers.real_model import fetch_smollm2
-    from quantplan.workers.sensitivity import act_set_start, batch_plan, pass_memory, sensitivity_pass
+    from quantplan.workers.sensitivity import (
+        act_set_start,
+        batch_plan,
+        default_max_memory,
+        pass_memory,
+        sensitivity_pass,
+    )
 
     torch.set_num_threads(args.threads)
     runtime = _peak_bytes()
     model, tok = load_model(args.model or str(fetch_smollm2()))
     model = model.float().eval()
     tokens = calibration_set(args.data, tok, samples=args.samples, seq_len=args.seq_len).tokens
-    max_memory = int(args.budget * 1e9) if args.budget else None
+    max_memory = int(args.budget * 1e9) if args.budget else default_max_memory(model)  # as the tasks run it
     batch, in_flight = batch_plan(model, tokens.shape[1], 1, max_memory)
     start = act_set_start(tokens, 1, args.act_samples)
     held = min(tokens.shape[0] - start, in_flight * batch) if args.run == "pass" else batch

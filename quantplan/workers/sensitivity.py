@@ -17,11 +17,14 @@ Everything here is tensor-in, tensor-out; `workers/tasks.py` distributes it on R
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import logging
 import os
+import platform
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +98,27 @@ RUNTIME_BYTES = 450 << 20
 ACT_VALUES_PER_FEATURE = 1.0
 # Activations a worker may hold by default, on top of runtime, weights and Fisher sums (`default_max_memory`).
 DEFAULT_ACT_BYTES = 1 << 30
+
+
+# glibc's malloc serves blocks of at least its mmap threshold with mmap (returned to the system on free), but
+# raises that threshold to the size of every mmapped block freed (up to 32 MiB): after the first backward the
+# pass's activations (0.3-3 MiB per layer input on SmolLM2) come from the heap, which fragments and does not shrink,
+# and resident memory grew 0.5-0.7 GB past the memory model per window (docs/BENCHMARKS.md, "Sensitivity memory").
+# A fixed threshold (mallopt, which also stops the adjustment) keeps large tensors in mmap. Not the arithmetic.
+MALLOC_MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@functools.cache
+def fix_malloc_mmap_threshold() -> bool:
+    """Set glibc's mmap threshold to MALLOC_MMAP_THRESHOLD for this process (idempotent); False, changing
+    nothing, off glibc or when MALLOC_MMAP_THRESHOLD_ is set in the environment (the user's choice)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -388,6 +412,7 @@ def fisher_sums(
     together: the backward pass differentiates sum_b L_b, and since sequences do not interact, the gradient
     reaching a layer's output on micro-batch b's tokens is dL_b/dY; hooks turn it into g_b = dL_b/dW per
     micro-batch (weights carry no .grad) and read dL_b/dx for the activation costs."""
+    fix_malloc_mmap_threshold()
     names = list(quantizable_modules(model))
     modules = dict(model.named_modules())
     for p in model.parameters():
@@ -397,20 +422,24 @@ def fisher_sums(
         state.resolve(params)
     held: list[_Batch] = []
     split = lm_split(model)
-    feeders = trace_feeders(model, names) if stats is not None else nullcontext({})
-    with feeders as traced, _fisher_hooks({n: modules[n] for n in names}, sums, state, stats, params is not None):
-        for part, size in _batches(tokens, micro_batch, _batch_size(model, tokens, batch_size)):
-            batch = state.batch = _Batch(part.shape[0] // size, size * (part.shape[1] - 1))
-            batch.loss = _sum_of_microbatch_losses(model, split, part, batch.groups)
-            held.append(batch)
-            if not deferred:
-                _backward(held.pop(), sums, params is not None)
-        if stats is not None:
-            stats.feeders.update(traced)  # before resolving: layer_act_params groups SmoothQuant's layers by norm
-        if deferred:
-            state.resolve(params())
-        for batch in held:  # the deferred batches (none otherwise)
-            _backward(batch, sums, True)
+    with ExitStack() as tracing:
+        traced = tracing.enter_context(trace_feeders(model, names) if stats is not None else nullcontext({}))
+        with _fisher_hooks({n: modules[n] for n in names}, sums, state, stats, params is not None):
+            for part, size in _batches(tokens, micro_batch, _batch_size(model, tokens, batch_size)):
+                batch = state.batch = _Batch(part.shape[0] // size, size * (part.shape[1] - 1))
+                batch.loss = _sum_of_microbatch_losses(model, split, part, batch.groups)
+                # the feeders are known after the first forward; the trace would keep every batch's norm outputs
+                # (their graph, with the layer inputs its hooks hold) alive into the next batch's forward
+                tracing.close()
+                held.append(batch)
+                if not deferred:
+                    _backward(held.pop(), sums, params is not None)
+            if stats is not None:
+                stats.feeders.update(traced)  # before resolving: layer_act_params groups SmoothQuant's layers by norm
+            if deferred:
+                state.resolve(params())
+            for batch in held:  # the deferred batches (none otherwise)
+                _backward(batch, sums, True)
     return sums
 
 

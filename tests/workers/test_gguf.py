@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from quantplan.errors import ModelLoadError
-from quantplan.service.cli import main
 from quantplan.workers import real_model
 from quantplan.workers.gguf import convert_gguf, load_gguf
+from tests.service.test_cli import run_cli
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, CONTEXT = 64, 96, 2, 4, 2, 128
 ROPE_THETA, RMS_EPS = 10000.0, 1e-5
@@ -279,16 +279,6 @@ def test_existing_output_needs_overwrite(tiny, tmp_path: Path) -> None:
 
 
 # ---- command line --------------------------------------------------------------------------------------
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_convert_gguf(tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

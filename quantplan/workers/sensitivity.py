@@ -228,9 +228,11 @@ def _observe(stats: ActStats, name: str, x: torch.Tensor, seen: dict[int, tuple]
 
 
 @torch.no_grad()
-def collect_act_stats(model: nn.Module, tokens: torch.Tensor, *, batch_size: int | None = None) -> ActStats:
+def collect_act_stats(model: nn.Module, tokens: torch.Tensor, *, batch_size: int | None = None,
+                      on_windows: Counter | None = None) -> ActStats:
     """Forward passes over `tokens` (batch_size sequences each, default `batch_sequences`) recording every
-    quantizable layer's input statistics, through the trunk that holds the layers (the logits are not needed)."""
+    quantizable layer's input statistics, through the trunk that holds the layers (the logits are not needed).
+    `on_windows(k)` is called with the number of sequences of each batch done."""
     batch_size = _batch_size(model, tokens, batch_size)
     names = list(quantizable_modules(model))
     modules = dict(model.named_modules())
@@ -243,6 +245,7 @@ def collect_act_stats(model: nn.Module, tokens: torch.Tensor, *, batch_size: int
             for batch in tokens.split(batch_size):
                 seen.clear()
                 trunk(input_ids=batch, use_cache=False)
+                _count(on_windows, batch.shape[0])
         finally:
             seen.clear()
             for h in hooks:
@@ -366,6 +369,7 @@ class _Input:
 
 
 ParamsSource = Mapping[str, ActQuantParams] | Callable[[], Mapping[str, ActQuantParams]]
+Counter = Callable[[int], None]  # on_windows(k): k more sequences done (progress)
 
 
 @dataclass
@@ -374,6 +378,7 @@ class _Batch:
 
     groups: int
     t_b: int
+    sequences: int
     loss: torch.Tensor | None = None  # sum_b L_b, whose backward is to come
     inputs: dict[int, _Input] = field(default_factory=dict)  # id(x) -> _Input (holds x: ids stay unique)
 
@@ -398,6 +403,7 @@ def fisher_sums(
     micro_batch: int = 1,
     batch_size: int | None = None,
     stats: ActStats | None = None,
+    on_windows: Counter | None = None,
 ) -> FisherSums:
     """Forward + backward over `tokens` in micro-batches: Fisher sums of every layer, and with `params` its
     activation costs; with `stats`, every layer input's statistics are added to it on the way (the forward
@@ -411,7 +417,9 @@ def fisher_sums(
     Several micro-batches (about `batch_size` sequences, default `batch_sequences`) go through the model
     together: the backward pass differentiates sum_b L_b, and since sequences do not interact, the gradient
     reaching a layer's output on micro-batch b's tokens is dL_b/dY; hooks turn it into g_b = dL_b/dW per
-    micro-batch (weights carry no .grad) and read dL_b/dx for the activation costs."""
+    micro-batch (weights carry no .grad) and read dL_b/dx for the activation costs.
+
+    `on_windows(k)` is called after each batch's backward with its number of sequences (progress)."""
     fix_malloc_mmap_threshold()
     names = list(quantizable_modules(model))
     modules = dict(model.named_modules())
@@ -426,24 +434,24 @@ def fisher_sums(
         traced = tracing.enter_context(trace_feeders(model, names) if stats is not None else nullcontext({}))
         with _fisher_hooks({n: modules[n] for n in names}, sums, state, stats, params is not None):
             for part, size in _batches(tokens, micro_batch, _batch_size(model, tokens, batch_size)):
-                batch = state.batch = _Batch(part.shape[0] // size, size * (part.shape[1] - 1))
+                batch = state.batch = _Batch(part.shape[0] // size, size * (part.shape[1] - 1), part.shape[0])
                 batch.loss = _sum_of_microbatch_losses(model, split, part, batch.groups)
                 # the feeders are known after the first forward; the trace would keep every batch's norm outputs
                 # (their graph, with the layer inputs its hooks hold) alive into the next batch's forward
                 tracing.close()
                 held.append(batch)
                 if not deferred:
-                    _backward(held.pop(), sums, params is not None)
+                    _backward(held.pop(), sums, params is not None, on_windows)
             if stats is not None:
                 stats.feeders.update(traced)  # before resolving: layer_act_params groups SmoothQuant's layers by norm
             if deferred:
                 state.resolve(params())
             for batch in held:  # the deferred batches (none otherwise)
-                _backward(batch, sums, True)
+                _backward(batch, sums, True, on_windows)
     return sums
 
 
-def _backward(batch: _Batch, sums: FisherSums, act: bool) -> None:
+def _backward(batch: _Batch, sums: FisherSums, act: bool, on_windows: Counter | None = None) -> None:
     """Run the batch's backward (its hooks add to `sums`) and count it."""
     assert batch.loss is not None
     batch.loss.backward()
@@ -453,6 +461,12 @@ def _backward(batch: _Batch, sums: FisherSums, act: bool) -> None:
     sums.tokens += batch.groups * batch.t_b
     sums.loss_sum += float(batch.loss.detach())
     batch.loss = None
+    _count(on_windows, batch.sequences)
+
+
+def _count(on_windows: Counter | None, k: int) -> None:
+    if on_windows is not None:
+        on_windows(k)
 
 
 def _batches(tokens: torch.Tensor, micro_batch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, int]]:
@@ -661,6 +675,7 @@ def sensitivity_pass(
     act_samples: int | None = None,
     batch_size: int | None = None,
     max_memory: int | None = None,
+    on_windows: Counter | None = None,
 ) -> tuple[ActStats, FisherSums]:
     """Statistics, Fisher sums and activation costs of `model` on `tokens` in one process, with one forward
     per token wherever the estimator and the memory bound allow.
@@ -672,26 +687,45 @@ def sensitivity_pass(
     backwards run. Only an act set longer than that needs a forward of its remaining sequences beforehand.
 
     `max_memory` (bytes) sizes the batches and how many are held from the memory model (`batch_plan`); an
-    explicit `batch_size` overrides the former. Neither changes the results beyond float rounding."""
-    planned, in_flight = batch_plan(model, tokens.shape[1], micro_batch, max_memory)
-    batch_size = batch_size or planned
-    n, start = tokens.shape[0], act_set_start(tokens, micro_batch, act_samples)
-    held = min(n, start + in_flight * _batch_length(micro_batch, batch_size))  # act set's batches held at once
+    explicit `batch_size` overrides the former. Neither changes the results beyond float rounding.
+
+    `on_windows(k)` counts sequences as they complete a pass: `pass_windows` of them in all (progress)."""
+    batch_size, start, held = _pass_split(model, tokens, micro_batch, act_samples, batch_size, max_memory)
+    n = tokens.shape[0]
     stats, sums, params = ActStats(), FisherSums(), {}
     if start:
-        sums = fisher_sums(model, tokens[:start], micro_batch=micro_batch, batch_size=batch_size, stats=stats)
+        sums = fisher_sums(model, tokens[:start], micro_batch=micro_batch, batch_size=batch_size, stats=stats,
+                           on_windows=on_windows)
     if held < n:  # the act set is longer than the batches held at once: the rest's statistics first
-        stats.merge(collect_act_stats(model, tokens[held:], batch_size=batch_size))
+        stats.merge(collect_act_stats(model, tokens[held:], batch_size=batch_size, on_windows=on_windows))
 
     def complete_params() -> dict[str, ActQuantParams]:
         params.update(layer_act_params(model, stats))
         return params
 
     sums.merge(fisher_sums(model, tokens[start:held], complete_params, micro_batch=micro_batch,
-                           batch_size=batch_size, stats=stats))
+                           batch_size=batch_size, stats=stats, on_windows=on_windows))
     if held < n:
-        sums.merge(fisher_sums(model, tokens[held:], params, micro_batch=micro_batch, batch_size=batch_size))
+        sums.merge(fisher_sums(model, tokens[held:], params, micro_batch=micro_batch, batch_size=batch_size,
+                               on_windows=on_windows))
     return stats, sums
+
+
+def pass_windows(model: nn.Module, tokens: torch.Tensor, *, micro_batch: int = 1, act_samples: int | None = None,
+                 batch_size: int | None = None, max_memory: int | None = None) -> int:
+    """How many sequence passes `sensitivity_pass` counts through `on_windows`: every sequence once, and the
+    act set's sequences beyond the batches held at once twice (a statistics forward, then the Fisher pass)."""
+    n, held = tokens.shape[0], _pass_split(model, tokens, micro_batch, act_samples, batch_size, max_memory)[2]
+    return n + (n - held)
+
+
+def _pass_split(model: nn.Module, tokens: torch.Tensor, micro_batch: int, act_samples: int | None,
+                batch_size: int | None, max_memory: int | None) -> tuple[int, int, int]:
+    """(batch size, start of the act set, end of its batches held at once) of `sensitivity_pass`."""
+    planned, in_flight = batch_plan(model, tokens.shape[1], micro_batch, max_memory)
+    batch_size = batch_size or planned
+    n, start = tokens.shape[0], act_set_start(tokens, micro_batch, act_samples)
+    return batch_size, start, min(n, start + in_flight * _batch_length(micro_batch, batch_size))
 
 
 # -- weight costs (from the reduced Fisher) --------------------------------------------------------------

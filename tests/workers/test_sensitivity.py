@@ -30,6 +30,7 @@ from quantplan.workers.sensitivity import (
     fisher_sums,
     layer_act_params,
     lm_split,
+    pass_windows,
     percentile_from_hist,
     sensitivity_pass,
     spearman,
@@ -148,8 +149,13 @@ def test_fused_pass_equals_statistics_then_fisher(tiny, samples, micro_batch, ac
     tokens = torch.randint(2, 64, (samples, 12), generator=torch.Generator().manual_seed(samples))
     start = act_set_start(tokens, micro_batch, act_samples)
     assert start == (0 if act_samples is None else (samples - act_samples) // micro_batch * micro_batch)
+    counted: list[int] = []
     stats, sums = sensitivity_pass(copy.deepcopy(tiny), tokens, micro_batch=micro_batch, act_samples=act_samples,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, on_windows=counted.append)
+    # progress: every sequence is counted once per pass it goes through, as pass_windows predicts
+    expected = pass_windows(tiny, tokens, micro_batch=micro_batch, act_samples=act_samples, batch_size=batch_size)
+    assert sum(counted) == expected >= samples and all(k > 0 for k in counted)
+    assert (expected > samples) == (samples == 12)  # only the long act set takes a statistics forward
     ref_stats, ref = _reference_pass(tiny, tokens, start, micro_batch)
     assert stats.feeders == ref_stats.feeders and stats.feeders
     for name in ref_stats.channel_absmax:

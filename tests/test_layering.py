@@ -3,10 +3,11 @@
 Three rules, checked on every module under quantplan/:
 
 1. Direction. Each module belongs to a layer: its subpackage (`quant`, `workers`, `search`, `storage`,
-   `service`) or, for a top-level module, its own name (`errors`, `settings`, `net`; `quantplan/__init__.py` is
-   `root`). A module imports its own layer and the layers `LAYERS` lists for it, nothing else: quant <- workers,
-   quant <- search, storage independent of quant/workers/search, service on top. Every import counts here,
-   inside functions and `if TYPE_CHECKING:` blocks too: a deferred import is still a dependency.
+   `service`) or, for a top-level module, its own name (`errors`, `settings`, `net`, `progress`;
+   `quantplan/__init__.py` is `root`). A module imports its own layer and the layers `LAYERS` lists for it,
+   nothing else: quant <- workers, quant <- search, storage independent of quant/workers/search, service on top.
+   Every import counts here, inside functions and `if TYPE_CHECKING:` blocks too: a deferred import is still a
+   dependency.
 2. No cycles: module A imports B and B, directly or through others, imports A. Every import that can run
    counts, inside functions too (an import deferred into a function hides a cycle, it does not remove it;
    deferring a heavy import such as Ray is fine as long as no cycle closes); only `if TYPE_CHECKING:` blocks
@@ -37,11 +38,13 @@ LAYERS: dict[str, frozenset[str]] = {
     "errors": frozenset(),  # the QuantPlanError hierarchy
     "net": frozenset(),  # host:port reachability without Ray (the API's health check, the Ray driver)
     "settings": frozenset({"errors"}),  # project settings and database-URL helpers (storage, search, service)
-    "quant": frozenset({"errors"}),
-    "workers": frozenset({"quant", "errors", "net", "settings"}),
-    "search": frozenset({"quant", "errors", "settings"}),
+    "progress": frozenset(),  # counted steps -> progress events -> listeners (rich bars, the job record)
+    "quant": frozenset({"errors", "progress"}),
+    "workers": frozenset({"quant", "errors", "net", "settings", "progress"}),
+    "search": frozenset({"quant", "errors", "settings", "progress"}),
     "storage": frozenset({"errors", "settings"}),
-    "service": frozenset({"root", "errors", "net", "settings", "quant", "workers", "search", "storage"}),
+    "service": frozenset({"root", "errors", "net", "settings", "progress", "quant", "workers", "search",
+                          "storage"}),
 }
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from quantplan.errors import PlanError
+from quantplan.progress import Progress, reporting
 from quantplan.quant.act_handlers import ActParams, act_handler
 from quantplan.quant.modules import LINEAR_TYPES, FakeQuantLinear, linear_shape, linear_weight
 from quantplan.quant.plan import LayerSpec, Plan, PlanCost, specs_cost
@@ -119,6 +120,7 @@ def apply_plan(
     quantize_activations: bool = True,
     module_factory: ModuleFactory | None = None,
     resolved: Mapping[str, LayerSpec] | None = None,
+    progress: bool | Progress = False,
 ) -> ApplyReport:
     """Swap the layers the plan targets for FakeQuantLinear modules (or `module_factory`'s), in place.
 
@@ -126,6 +128,7 @@ def apply_plan(
     layer uses a8-static, a8-lae or a8-smooth. `quantize_activations=False` keeps the equalization but
     simulates activations in float (isolates the equalization transform; FakeQuantLinear only). `resolved` is
     `resolve_plan(model, plan)` when the caller has it; the report's `specs` hand the resolved specs on.
+    `progress` reports the layers as they are swapped (step "quantize layers").
     """
     if module_factory is None:
         module_factory = partial(FakeQuantLinear, quantize_activations=quantize_activations)
@@ -136,13 +139,17 @@ def apply_plan(
     report = ApplyReport(cost=validate_plan(model, plan, resolved), specs=specs)
     need_stats = [n for n, s in specs.items() if s.scheme.act.needs_calibration]
     stats = CalibrationStats({}, {})
-    if need_stats:
-        tokens = _calibration_tokens(calibration, [specs[n] for n in need_stats])
-        stats = collect_input_stats(model, tokens, need_stats, batch_size=batch_size)
-    modules = dict(model.named_modules())
-    scales = _equalization_scales(modules, specs, stats, report)
-    for name, spec in specs.items():
-        _swap(model, modules, name, spec, stats.absmax.get(name), scales.get(name), report, module_factory)
+    with reporting(progress) as reporter:
+        if need_stats:
+            tokens = _calibration_tokens(calibration, [specs[n] for n in need_stats])
+            stats = collect_input_stats(model, tokens, need_stats, batch_size=batch_size, progress=reporter)
+        modules = dict(model.named_modules())
+        scales = _equalization_scales(modules, specs, stats, report)
+        step = reporter.step("quantize layers", len(specs), "layers") if reporter.enabled else None
+        for name, spec in specs.items():
+            _swap(model, modules, name, spec, stats.absmax.get(name), scales.get(name), report, module_factory)
+            if step is not None:
+                step.advance()
     log.info(
         "applied plan: %d layers quantized, %d norms folded, %d runtime pre-scales",
         len(report.replaced),
@@ -165,21 +172,39 @@ def _calibration_tokens(calibration: Any, specs: list[LayerSpec]) -> torch.Tenso
 
 @torch.inference_mode()
 def collect_input_stats(
-    model: nn.Module, tokens: torch.Tensor, names: list[str], *, batch_size: int = 8
+    model: nn.Module, tokens: torch.Tensor, names: list[str], *, batch_size: int = 8,
+    progress: bool | Progress = False,
 ) -> CalibrationStats:
-    """Per-channel max|X| of each named layer's input over `tokens`; the feeding norm of every layer."""
+    """Per-channel max|X| of each named layer's input over `tokens`; the feeding norm of every layer.
+
+    The forwards go through the trunk that holds every layer when there is one (a transformers model's base
+    model: the [tokens, vocabulary] logits are not needed); `progress` reports the windows (step
+    "calibration")."""
     modules = dict(model.named_modules())
     absmax: dict[str, torch.Tensor] = {}
-    with trace_feeders(model, list(quantizable_modules(model))) as feeders:
+    trunk = model_trunk(model, list(quantizable_modules(model)))
+    with trace_feeders(model, list(quantizable_modules(model))) as feeders, reporting(progress) as reporter:
         hooks = [modules[n].register_forward_pre_hook(_absmax_hook(n, absmax)) for n in names]
+        step = reporter.step("calibration", tokens.shape[0], "windows") if reporter.enabled else None
         try:
             device = next(model.parameters()).device
             for batch in tokens.split(batch_size):
-                model(input_ids=batch.to(device), use_cache=False)
+                trunk(input_ids=batch.to(device), use_cache=False)
+                if step is not None:
+                    step.advance(batch.shape[0])
         finally:
             for h in hooks:
                 h.remove()
     return CalibrationStats(absmax, dict(feeders))
+
+
+def model_trunk(model: nn.Module, names: list[str]) -> nn.Module:
+    """The transformers base model (the decoder without its head) when it holds every layer in `names`."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, nn.Module) and base is not model and all(n.startswith(prefix + ".") for n in names):
+        return base
+    return model
 
 
 def _absmax_hook(name: str, out: dict[str, torch.Tensor]):

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quantplan.errors import ArtifactError, PlanError
+from quantplan.progress import Progress
 from quantplan.quant.act_handlers import act_handler, registered_param_names
 from quantplan.quant.apply import ApplyReport, apply_plan, resolve_plan, validate_plan
 from quantplan.quant.atomic import MARKER, check_destination, staging_dir
@@ -190,6 +191,7 @@ def export(
     batch_size: int = 8,
     measure: Measure | None = None,
     resolved: Mapping[str, LayerSpec] | None = None,
+    progress: bool | Progress = False,
 ) -> Path:
     """Calibrate, quantize and pack `plan` on a copy of `model` (left untouched), then write it in `format` into
     `out_dir` (staged in a temporary sibling directory and renamed). Arguments as `materialize`'s."""
@@ -204,7 +206,7 @@ def export(
                     fingerprint)
     work = copy.deepcopy(model)
     report = apply_plan(work, plan, calibration, batch_size=batch_size, module_factory=QuantLinear.from_float,
-                        resolved=resolved)
+                        resolved=resolved, progress=progress)
     base_model = {**_default_identity(model, plan), **(model_info or {}), "fingerprint": fingerprint}
     job = ExportJob(model, work, plan, report, base_model, calibration, measure)
     del work
@@ -224,6 +226,7 @@ def materialize(
     batch_size: int = 8,
     measure: Measure | None = None,
     resolved: Mapping[str, LayerSpec] | None = None,
+    progress: bool | Progress = False,
 ) -> ArtifactInfo:
     """Calibrate, quantize and pack `plan` on a copy of `model` (left untouched) into the artifact `out_dir`.
 
@@ -231,10 +234,11 @@ def materialize(
     scales or equalization). The artifact is written to a temporary sibling directory and renamed, so a failure
     leaves nothing. `measure`, if given, is called with the complete staged artifact and returns metrics
     (perplexity, kl, ...) that are recorded in the manifest before the rename. `resolved`: the plan's
-    `resolve_plan(model, plan)` when the caller has it (nothing resolves the plan again).
+    `resolve_plan(model, plan)` when the caller has it (nothing resolves the plan again). `progress` reports
+    the layers quantized (`apply_plan`).
     """
     out = export(model, plan, calibration, out_dir, format=ARTIFACT_FORMAT_NAME, model_info=model_info,
-                 overwrite=overwrite, batch_size=batch_size, measure=measure, resolved=resolved)
+                 overwrite=overwrite, batch_size=batch_size, measure=measure, resolved=resolved, progress=progress)
     info = read_manifest(out)
     log.info("materialized %d layers into %s (%s bytes of weights)", len(info.layers), out, info.metrics["bytes"])
     return info

@@ -13,10 +13,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-stdout = Console()
-stderr = Console(stderr=True)
+from quantplan.progress import stderr_console
 
-OUR_LOGGERS = ("quant", "workers", "search", "storage", "service")
+stdout = Console()
+stderr = stderr_console()  # shared with the progress bars, so log lines print above them
+
+OUR_LOGGERS = ("quantplan",)  # every module logs under quantplan.<layer>.<module>
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:

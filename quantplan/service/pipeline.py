@@ -11,14 +11,13 @@ and workers does not import search. Heavy modules (torch, optuna, Ray) are impor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quantplan.progress import Progress, Step, reporting
 from quantplan.search.space import SearchError
-from quantplan.service.console import stderr
 from quantplan.service.jobs import SELECT, JobSpec
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ class RunOptions:
     """Where and how a pipeline runs; what it computes is the `JobSpec`."""
 
     address: str | None = None  # Ray cluster address (None: local)
-    progress: bool = False  # progress bars on stderr
+    progress: bool | Progress = False  # True: progress bars on stderr; a Progress: its listeners
     study: str | None = None  # the Optuna study's name (default: derived from table, budget and space)
     storage: str | None = None  # the study's database URL (default: the project database)
     table: Path | None = None  # a sensitivity table file to use instead of the cached or computed one
@@ -152,8 +151,11 @@ def run_search(spec: JobSpec, run: RunOptions) -> tuple[Loaded, SearchReport]:
     from quantplan.workers.pipeline import load, table_for
 
     loaded = load(load_spec(spec, windows=spec.eval_top > 0))
-    table = table_for(loaded, run.table, workers=spec.workers, address=run.address, progress=True)
-    return loaded, search_stage(SearchInputs.from_loaded(loaded, table), spec, run)
+    with reporting(run.progress) as progress:  # one display for every stage
+        table = table_for(loaded, run.table, workers=spec.workers, address=run.address,
+                          progress=progress.at("sensitivity"))
+        return loaded, search_stage(SearchInputs.from_loaded(loaded, table), spec,
+                                    replace(run, progress=progress.at("search")))
 
 
 def search_plans(
@@ -166,7 +168,7 @@ def search_plans(
     eval_baselines: bool = True,
     workers: int = 1,
     address: str | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     select: str = "kl",
     refine: int = 0,
     refine_tol: float = 0.001,
@@ -176,21 +178,34 @@ def search_plans(
     within budget and space (`select`: least KL to the unquantized model on the evaluation windows, or least
     perplexity on `inputs.select_windows`, else on the evaluation windows, among more candidates), else the
     predicted best; `refine` > 0 (select="perplexity") then descends from it, at most `refine` measurements,
-    each step a relative gain above `refine_tol`."""
+    each step a relative gain above `refine_tol`. `progress` reports the trials and the measurements."""
     from quantplan.search.problem import compile_problem
+
+    check_select(select, refine)
+    problem = compile_problem(inputs.table, space, budget, dict(inputs.shapes))
+    with reporting(progress) as reporter:
+        return _search(inputs, problem, settings, reporter, on_trial, eval_top=eval_top,
+                       eval_baselines=eval_baselines, workers=workers, address=address, select=select,
+                       refine=refine, refine_tol=refine_tol)
+
+
+def _search(inputs: SearchInputs, problem: Problem, settings: StudySettings, progress: Progress,
+            on_trial: Callable[[int, int], None] | None, *, eval_top: int, eval_baselines: bool, workers: int,
+            address: str | None, select: str, refine: int, refine_tol: float) -> SearchReport:
     from quantplan.search.study import run_search as run_study
     from quantplan.search.variants import variants
     from quantplan.workers.pipeline import Measurer
 
-    check_select(select, refine)
-    problem = compile_problem(inputs.table, space, budget, dict(inputs.shapes))
-    with _trial_progress(progress) as show:
-        def each_trial(done: int, total: int) -> None:
-            show(done, total)
-            if on_trial is not None:  # e.g. the job runner: progress, and a cancel between trials
-                on_trial(done, total)
+    trials: list[Step] = []
 
-        result = run_study(problem, settings, on_trial=each_trial)
+    def each_trial(done: int, total: int) -> None:
+        if not trials:
+            trials.append(progress.step("trials", total, "trials"))
+        trials[0].update(done)
+        if on_trial is not None:  # e.g. the job runner: a cancel between trials
+            on_trial(done, total)
+
+    result = run_study(problem, settings, on_trial=each_trial)
     log.info("study %s in %s: %d trials (%d new, %.0f/min); knapsack %s in %.2f s", result.study, result.storage,
              result.trials, result.new_trials, result.trials_per_minute,
              "exact" if result.knapsack.exact else "within its dual bound", result.knapsack.seconds)
@@ -281,18 +296,6 @@ def _refine(report: SearchReport, inputs: SearchInputs, measurer: Measurer, max_
         results = measurer.measure([report.problem.plan(c) for c in steps], inputs.windows)
         measured.update({c.label: r.to_dict() for c, r in zip(steps, results, strict=True)})
     return replace(report, measured=measured, selection=selection, refinement=descent, best=descent.best)
-
-
-@contextmanager
-def _trial_progress(enabled: bool) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar fed by the driver's on_trial(done, total) callback (nothing when disabled)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("search trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=stderr, disable=not enabled)
-    task = bar.add_task("trials", total=None)
-    with bar:
-        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def to_materialize(report: SearchReport, top: int) -> list[Candidate]:

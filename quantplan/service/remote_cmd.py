@@ -118,13 +118,14 @@ def follow(client: Any, job_id: int, *, poll: float = 2.0, progress: bool = True
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("job {task.fields[job]} {task.description}"), BarColumn(),
-                   TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=stderr,
-                   disable=not progress)
+                   TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), TextColumn("{task.fields[step]}"),
+                   console=stderr, disable=not progress)
     with bar:
-        task = bar.add_task("queued", total=1.0, job=job_id)
+        task = bar.add_task("queued", total=1.0, job=job_id, step="")
         while True:
             job = client.job(job_id)
-            bar.update(task, completed=job["progress"], description=f"{job['status']}: {job['stage'] or '-'}")
+            bar.update(task, completed=job["progress"], description=f"{job['status']}: {job['stage'] or '-'}",
+                       step=step_line(job))
             if job["status"] in FINAL:
                 return job
             time.sleep(poll)
@@ -150,6 +151,19 @@ def _job_call(job_id: int, server: str | None, token: str | None, db: str | None
     return job_view(repo.cancel_job(job_id) if cancel else repo.get_job(job_id))
 
 
+def step_line(job: dict[str, Any]) -> str:
+    """Where the running step stands: 'sensitivity pass 12/64 windows, 0.41/s, eta 2:07' ('' when unknown)."""
+    if job.get("step") is None or job.get("total") is None:
+        return ""
+    parts = [f"{job['step']} {job['done']}/{job['total']} {job['unit']}"]
+    if job.get("rate"):
+        parts.append(f"{job['rate']:.2f}/s")
+    if job.get("eta") is not None and job["done"] < job["total"] and job["status"] == "running":
+        minutes, seconds = divmod(round(job["eta"]), 60)
+        parts.append(f"eta {minutes}:{seconds:02d}")
+    return ", ".join(parts)
+
+
 def _print_job(job: dict[str, Any], json_out: bool) -> None:
     if json_out:
         print_json(job)
@@ -157,6 +171,8 @@ def _print_job(job: dict[str, Any], json_out: bool) -> None:
     keys = ("status", "stage", "progress", "attempts", "error", "submitter", "created_at", "started_at",
             "finished_at", "cancel_requested")
     rows = [{"field": k, "value": job[k]} for k in keys if job.get(k) is not None]
+    if step_line(job):
+        rows.insert(3, {"field": "step", "value": step_line(job)})
     rows.append({"field": "spec", "value": " ".join(f"{k}={v}" for k, v in job["spec"].items())})
     stdout.print(table_view(f"job {job['id']}", ("field", "value"), rows, {"progress": ".0%"}))
 

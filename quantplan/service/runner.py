@@ -13,12 +13,18 @@ One job, five stages, each resumable after a crash (a restarted runner skips wha
 - `materialize`: the best measured plans packed, measured again, archived in the artifact store. A plan that
   already has its `packed` artifact is skipped.
 
+Progress: every stage reports its steps (`quantplan.progress`: windows of the sensitivity pass across the Ray
+workers, layers of the weight costs, trials, windows of each measurement, layers and windows of materialize);
+the latest event of the running step is stored with the job (`jobs.step_progress`, at most every
+`PROGRESS_WRITE_S` seconds and at the end of every step) with the job's overall `progress`, and each event
+honours a cancel request at once. `quantplan status`, `GET /v1/jobs/{id}` and `--wait` show it.
+
 While a job runs, a heartbeat thread refreshes `jobs.heartbeat_at` every `heartbeat_interval` seconds. A runner
 that dies stops heartbeating; any runner's `requeue_stale` puts the job back in the queue after `stale_after`
-seconds (failed once it has used `max_attempts` claims). A cancel request is honoured between search trials and
-at the next stage boundary. Bad input (a spec that does not validate, a model that does not load, an infeasible
-budget) fails the job at once with the `QuantPlanError` message; any other error gives the job back for another
-attempt.
+seconds (failed once it has used `max_attempts` claims). A cancel request is honoured at the next progress
+event (every few seconds of work) or stage boundary. Bad input (a spec that does not validate, a model that
+does not load, an infeasible budget) fails the job at once with the `QuantPlanError` message; any other error
+gives the job back for another attempt.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantplan.errors import QuantPlanError
+from quantplan.progress import Listener, Progress, ProgressEvent, RichBars
 from quantplan.service.jobs import JobSpec
 from quantplan.service.pipeline import RunOptions, SearchInputs, SearchReport, load_spec, search_stage, to_materialize
 from quantplan.storage import JobRecord, JobStateError, NewPlan, Repository
@@ -53,7 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("quantplan.service.runner")
 
 STAGES = ("load", "sensitivity", "search", "store", "materialize")
-PROGRESS = {"load": 0.0, "sensitivity": 0.05, "search": 0.35, "store": 0.75, "materialize": 0.8}
+PROGRESS = {"load": 0.0, "sensitivity": 0.05, "search": 0.35, "store": 0.75, "materialize": 0.8, "end": 1.0}
+PROGRESS_WRITE_S = 1.0  # the job record gets a step's progress at most this often (and at the step's end)
 PACKED = "packed"  # artifact kind of a materialized plan directory (tar archive in the store)
 
 
@@ -81,12 +89,14 @@ class Runner:
     """Runs search jobs from `repo`, archiving artifacts in `store` (see the module docstring)."""
 
     def __init__(self, repo: Repository, store: ArtifactStore, *, runner_id: str | None = None,
-                 config: RunnerConfig | None = None, progress: bool = False) -> None:
+                 config: RunnerConfig | None = None, progress: bool = False,
+                 listeners: Sequence[Listener] = ()) -> None:
         self.repo = repo
         self.store = store
         self.id = runner_id or default_runner_id()
         self.config = config or RunnerConfig(ray_address=repo.settings.ray_address)
-        self.progress = progress
+        self.progress = progress  # rich bars on stderr
+        self.listeners = tuple(listeners)  # more listeners of every job's progress (after the job record's)
 
     # ------------------------------------------------------------------ loop
 
@@ -202,10 +212,14 @@ class JobRun:
         self.spec = JobSpec.parse(job.spec)
         self.address = runner.config.ray_address
         self.model_id = 0  # the `models` row, set by the load stage
-        self._last_progress = 0.0
+        self.recorder = _JobProgress(self)
+        bars = [RichBars()] if runner.progress else []
+        self.progress = Progress(self.recorder, *runner.listeners, *bars)
+        self._bars = bars
 
-    def stage(self, name: str, progress: float | None = None) -> None:
-        """Record the stage (and progress) of the job; honour a cancel request or a lost job."""
+    def stage(self, name: str, progress: float | None = None) -> Progress:
+        """Record the stage (and progress) of the job; honour a cancel request or a lost job. Returns the
+        Progress the stage reports to."""
         self.beat.check()
         try:
             if not self.repo.heartbeat(self.job.id, self.runner.id):
@@ -214,28 +228,35 @@ class JobRun:
         except JobStateError:
             raise Lost from None
         log.info("job %d: %s", self.job.id, name)
+        return self.progress.at(name)
 
     def run(self) -> None:
         """The stages in order; the spec was validated (budget, space, data syntax) when it was parsed."""
-        self.stage("load", PROGRESS["load"])
-        loaded = self._load()
-        self.stage("sensitivity", PROGRESS["sensitivity"])
-        inputs = self._sensitivity(loaded)
-        self.stage("search", PROGRESS["search"])
-        report = self._search(inputs)
-        self.stage("store", PROGRESS["store"])
-        plan_ids = self._store(loaded, report)
-        self.stage("materialize", PROGRESS["materialize"])
-        self._materialize(loaded, report, plan_ids)
+        try:
+            progress = self.stage("load", PROGRESS["load"])
+            loaded = self._load(progress)
+            progress = self.stage("sensitivity", PROGRESS["sensitivity"])
+            inputs = self._sensitivity(loaded, progress)
+            progress = self.stage("search", PROGRESS["search"])
+            report = self._search(inputs, progress)
+            progress = self.stage("store", PROGRESS["store"])
+            plan_ids = self._store(loaded, report, progress)
+            progress = self.stage("materialize", PROGRESS["materialize"])
+            self._materialize(loaded, report, plan_ids, progress)
+        finally:
+            for bars in self._bars:
+                bars.close()
 
     # ------------------------------------------------------------------ stages
 
-    def _load(self) -> Loaded:
+    def _load(self, progress: Progress) -> Loaded:
         """The model with its calibration set and evaluation windows, registered in `models`."""
         from quantplan.workers.pipeline import load
 
         spec = self.spec
+        step = progress.step("model and data", 1, "steps")
         loaded = load(load_spec(spec))
+        step.finish()
         identity = loaded.identity
         model = self.repo.upsert_model(spec.model, loaded.fingerprint, revision=identity["revision"],
                                        parameter_count=identity["parameters"],
@@ -243,12 +264,13 @@ class JobRun:
         self.model_id = model.id
         return loaded
 
-    def _sensitivity(self, loaded: Loaded) -> SearchInputs:
+    def _sensitivity(self, loaded: Loaded, progress: Progress) -> SearchInputs:
         from quantplan.workers.pipeline import loaded_table
 
         self._fetch_table(loaded)
-        table, cached = loaded_table(loaded, workers=self.spec.workers, address=self.address,
-                                     progress=self.runner.progress)
+        table, cached = loaded_table(loaded, workers=self.spec.workers, address=self.address, progress=progress)
+        if cached:  # nothing was computed: say so in the progress too
+            progress.step("sensitivity table (cached)", 1, "tables").finish()
         log.info("job %d: sensitivity table %s (%s)", self.job.id, table.key, "reused" if cached else "computed")
         self._keep_table(table)
         return SearchInputs.from_loaded(loaded, table)
@@ -275,24 +297,17 @@ class JobRun:
             stored = self.store.put_file(table.save(Path(tmp) / "table.safetensors"))
         self.repo.put_table(table.key, stored.uri, sha256=stored.sha256, model_id=self.model_id)
 
-    def _search(self, inputs: SearchInputs) -> SearchReport:
-        run = RunOptions(address=self.address, progress=self.runner.progress, study=f"job-{self.job.id}",
+    def _search(self, inputs: SearchInputs, progress: Progress) -> SearchReport:
+        run = RunOptions(address=self.address, progress=progress, study=f"job-{self.job.id}",
                          storage=self.repo.db.url)
         return search_stage(inputs, self.spec, run, on_trial=self._on_trial)
 
-    def _on_trial(self, done: int, total: int) -> None:
-        """Between Optuna trials: honour a cancel (the heartbeat thread saw it) and report progress every 2 s."""
+    def _on_trial(self, _done: int, _total: int) -> None:
+        """Between Optuna trials: honour a cancel (the heartbeat thread saw it)."""
         self.beat.check()
-        now = time.monotonic()
-        if total and now - self._last_progress >= 2.0:
-            self._last_progress = now
-            span = PROGRESS["store"] - PROGRESS["search"] - 0.1  # the rest of the stage measures candidates
-            try:
-                self.repo.update_job(self.job.id, self.runner.id, progress=PROGRESS["search"] + span * done / total)
-            except JobStateError:
-                raise Lost from None
 
-    def _store(self, loaded: Loaded, report: SearchReport) -> dict[tuple[LayerScheme, ...], int]:
+    def _store(self, loaded: Loaded, report: SearchReport,
+               progress: Progress) -> dict[tuple[LayerScheme, ...], int]:
         """The Pareto set and the references with their predictions and measurements, in one transaction."""
         dataset = str(loaded.eval_data)
         candidates: dict[tuple[LayerScheme, ...], Candidate] = {}
@@ -307,12 +322,14 @@ class JobRun:
             plan = report.problem.plan(c, meta={"job": self.job.id, "label": c.label, "recipe": c.recipe})
             new.append(NewPlan(plan, c.avg_bits, c.bytes, c.act_bits, c.predicted_loss, c.schemes in pareto,
                                metrics))
+        step = progress.step("plans", len(new), "plans")
         ids = self.repo.add_plans(self.model_id, new, job_id=self.job.id, runner=self.runner.id)
+        step.finish()
         log.info("job %d: stored %d plans (%d on the Pareto front)", self.job.id, len(ids), len(pareto))
         return dict(zip(candidates, ids, strict=True))  # per-layer schemes -> plan id
 
-    def _materialize(self, loaded: Loaded, report: SearchReport,
-                     plan_ids: dict[tuple[LayerScheme, ...], int]) -> None:
+    def _materialize(self, loaded: Loaded, report: SearchReport, plan_ids: dict[tuple[LayerScheme, ...], int],
+                     progress: Progress) -> None:
         """Pack the best measured plans (best first), measure the real artifacts, archive them."""
         from quantplan.workers.evaluate import evaluate
         from quantplan.workers.pipeline import materialize
@@ -323,7 +340,7 @@ class JobRun:
             return
         assert loaded.windows is not None
         # the unquantized model on these windows, as the search measured it (measured here when it did not)
-        base = report.base or evaluate(loaded.net, loaded.windows)
+        base = report.base or evaluate(loaded.net, loaded.windows, progress=progress, step="unquantized model")
         dataset = str(loaded.eval_data)
         for i, candidate in enumerate(pending):
             if i > 0:  # the stage itself was entered (and logged) before the first plan
@@ -332,7 +349,7 @@ class JobRun:
             plan = report.problem.plan(candidate, meta={"job": self.job.id, "plan_id": plan_id})
             with _scratch() as tmp:
                 out = tmp / "artifact"
-                _, real = materialize(loaded, plan, out, base_result=base)
+                _, real = materialize(loaded, plan, out, base_result=base, progress=progress)
                 stored = self.store.put_dir(out)
             self.repo.set_metrics(plan_id, {("perplexity", dataset): real.perplexity, ("kl", dataset): real.kl,
                                             ("base_perplexity", dataset): real.base_perplexity,
@@ -352,3 +369,37 @@ def _scratch() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class _JobProgress:
+    """The runner's progress listener: stores the latest event of a step with the job (at most every
+    PROGRESS_WRITE_S seconds, and a step's first and last event always) with the job's overall progress, and
+    honours a cancel request (or a lost job) at every event."""
+
+    def __init__(self, run: JobRun) -> None:
+        self.run = run
+        self.written: dict[tuple[str, str], float] = {}  # (stage, step) -> when its event was last written
+        self.overall = 0.0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        run = self.run
+        run.beat.check()
+        key, now = (event.stage, event.step), time.monotonic()
+        last = self.written.get(key)
+        if last is not None and not event.finished and now - last < PROGRESS_WRITE_S:
+            return
+        self.written[key] = now
+        self.overall = max(self.overall, _overall(event))
+        try:
+            run.repo.update_job(run.job.id, run.runner.id, progress=self.overall, step=event.to_dict())
+        except JobStateError:
+            raise Lost from None
+
+
+def _overall(event: ProgressEvent) -> float:
+    """The job's fraction done: the stage's share of PROGRESS, advanced by the step's fraction within it."""
+    if event.stage not in STAGES:
+        return 0.0
+    start = PROGRESS[event.stage]
+    end = list(PROGRESS.values())[list(PROGRESS).index(event.stage) + 1]
+    return start + (end - start) * (event.done / event.total if event.total else 1.0)

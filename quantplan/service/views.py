@@ -14,13 +14,21 @@ PLAN_COLUMNS = ("id", "job", "label", "avg_bits", "bytes", "act", "pred_loss", "
 PLAN_FORMATS = {"avg_bits": ".3f", "bytes": ",d", "pred_loss": ".4f", "ppl": ".3f", "kl": ".4f"}
 
 
+STEP_KEYS = ("step", "unit", "done", "total", "elapsed", "rate", "eta")
+
+
 def job_view(job: JobRecord) -> dict[str, Any]:
-    """A job's status as users see it (`quantplan status`, `GET /v1/jobs/{id}`)."""
+    """A job's status as users see it (`quantplan status`, `GET /v1/jobs/{id}`).
+
+    `progress` is the whole job's fraction done; `step` .. `eta` are where the running step of `stage` stands
+    (units done of total, seconds elapsed, units per second, seconds left; None where unknown)."""
+    step = job.step_progress or {}
     return {
         "id": job.id,
         "status": job.status,
         "stage": job.stage,
         "progress": job.progress,
+        **{k: step.get(k) for k in STEP_KEYS},
         "error": job.error,
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,

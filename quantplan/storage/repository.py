@@ -81,6 +81,7 @@ class JobRecord:
     status: str
     stage: str | None
     progress: float
+    step_progress: dict[str, Any] | None
     error: str | None
     attempts: int
     runner: str | None
@@ -355,12 +356,19 @@ class Repository:
             return not job.cancel_requested
 
     def update_job(self, job_id: int, runner: str, *, stage: str | None = None, progress: float | None = None,
-                   error: str | None = None) -> JobRecord:
-        """Record stage, progress (0..1) or a non-fatal error of an owned job; also refreshes its heartbeat."""
+                   step: Mapping[str, Any] | None = None, error: str | None = None) -> JobRecord:
+        """Record stage, progress (0..1), the running step's progress event (`quantplan.progress.ProgressEvent`
+        as a dict; a new stage without one clears it) or a non-fatal error of an owned job; also refreshes its
+        heartbeat."""
         _check(progress is None or (_finite(progress) and 0.0 <= progress <= 1.0),
                f"progress must be in [0, 1], got {progress!r}")
+        _check(step is None or _valid_step(step), f"step progress needs done <= total, both >= 0: got {step!r}")
         with self.session() as s:
             job = self._owned(s, job_id, runner)
+            if stage is not None and stage != job.stage and step is None:
+                job.step_progress = None  # the last stage's step
+            if step is not None:
+                job.step_progress = dict(step)
             if stage is not None:
                 job.stage = stage
             if progress is not None:
@@ -633,3 +641,10 @@ def _sort_key(sort: str, dataset: str | None) -> Any:
 def final(status: str) -> bool:
     """Whether a job status is terminal."""
     return status in FINAL_STATUSES
+
+
+def _valid_step(step: Mapping[str, Any]) -> bool:
+    done, total = step.get("done"), step.get("total")
+    numbers = [v for v in (step.get("elapsed"), step.get("rate"), step.get("eta")) if v is not None]
+    return (isinstance(done, int) and isinstance(total, int) and 0 <= done <= total
+            and all(isinstance(v, int | float) and _finite(v) and v >= 0 for v in numbers))

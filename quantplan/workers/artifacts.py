@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantplan.progress import Progress, reporting
 from quantplan.quant.artifact import ArtifactInfo, load_quantized, materialize
 from quantplan.quant.plan import Plan
 from quantplan.workers.evaluate import EvalResult, evaluate
@@ -32,14 +33,15 @@ def evaluate_artifact(
     base_result: EvalResult | None = None,
     batch_size: int = 8,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> PlanEval:
     """Perplexity and KL(base || quantized) of the real quantized model: a copy of `base` with the artifact loaded."""
     if base_result is None:
-        base_result = evaluate(base, windows, batch_size=batch_size, progress=progress)
+        base_result = evaluate(base, windows, batch_size=batch_size, progress=progress, step="unquantized model")
     model = copy.deepcopy(base)
     info = load_quantized(model, artifact, backend=backend)
-    result = evaluate(model, windows, reference=base, batch_size=batch_size, progress=progress)
+    result = evaluate(model, windows, reference=base, batch_size=batch_size, progress=progress,
+                      step="quantized model")
     assert result.kl is not None
     return PlanEval(
         plan=plan_label(info.plan()),
@@ -65,7 +67,7 @@ def materialize_plan(
     base_result: EvalResult | None = None,
     overwrite: bool = False,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool | Progress = False,
 ) -> tuple[ArtifactInfo, PlanEval | None]:
     """Materialize `plan` into `out_dir`; with `windows`, measure the staged artifact and record the metrics.
 
@@ -74,23 +76,16 @@ def materialize_plan(
     and seq_len) is recorded beside them. Returns the artifact and the measurement (None without `windows`).
     """
     measured: list[PlanEval] = []
+    with reporting(progress) as reporter:  # one display for the layers and the measurement
 
-    def measure(staged: Path) -> dict[str, Any]:
-        result = evaluate_artifact(
-            base, staged, windows, base_result=base_result, batch_size=batch_size, progress=progress
-        )
-        measured.append(result)
-        keep = ("perplexity", "nll", "kl", "tokens", "base_perplexity")
-        return {**{k: v for k, v in result.to_dict().items() if k in keep}, "eval": dict(eval_info or {})}
+        def measure(staged: Path) -> dict[str, Any]:
+            result = evaluate_artifact(base, staged, windows, base_result=base_result, batch_size=batch_size,
+                                       progress=reporter)
+            measured.append(result)
+            keep = ("perplexity", "nll", "kl", "tokens", "base_perplexity")
+            return {**{k: v for k, v in result.to_dict().items() if k in keep}, "eval": dict(eval_info or {})}
 
-    info = materialize(
-        base,
-        plan,
-        calibration,
-        out_dir,
-        model_info=model_info,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        measure=measure if windows is not None else None,
-    )
+        info = materialize(base, plan, calibration, out_dir, model_info=model_info, overwrite=overwrite,
+                           batch_size=batch_size, measure=measure if windows is not None else None,
+                           progress=reporter)
     return info, measured[0] if measured else None

@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantplan.progress import Progress, reporting
 from quantplan.quant.modules import FakeQuantLinear
 from quantplan.quant.qlinear import QuantLinear
 from quantplan.workers.lm import CHUNKED_LMS, LMSplit, split_lm
 
-__all__ = ["CHUNKED_LMS", "EvalMemory", "EvalResult", "eval_memory", "evaluate"]
+__all__ = ["CHUNKED_LMS", "EvalMemory", "EvalResult", "eval_memory", "evaluate", "increments"]
 
 log = logging.getLogger(__name__)
 
@@ -299,16 +300,18 @@ def evaluate(
     reference: nn.Module | None = None,
     batch_size: int | None = None,
     max_memory: int | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     on_progress: Callable[[int, int], None] | None = None,
     chunked: bool = True,
+    step: str = "evaluation",
 ) -> EvalResult:
     """Perplexity of `model` on ``[n, L]`` token `windows` and, with `reference`, KL(reference || model).
 
     See the module docstring for the definitions. `batch_size` (windows per forward) changes speed and memory,
     not results (up to floating-point reassociation inside the models); when it is not given, `max_memory`
     (bytes for the weights of both models, the activations and a logits chunk: `eval_memory`) sizes it, and
-    without either it is 8. `progress` shows a rich bar on stderr; `on_progress(done, total)` is called with
+    without either it is 8. `progress` (True: a rich bar on stderr; a `quantplan.progress.Progress`: its
+    listeners) reports the windows done as the step named `step`; `on_progress(done, total)` is called with
     windows done and the total, once before the first batch and after every batch (an exception it raises
     stops the evaluation). `chunked=False` materializes every batch's full logits even for a model
     `CHUNKED_LMS` recognises (the path every other model takes; for comparisons).
@@ -325,7 +328,7 @@ def evaluate(
 
     nll_sum = torch.zeros((), dtype=torch.float64)
     kl_sum = torch.zeros((), dtype=torch.float64)
-    with _eval_mode(model, reference), torch.inference_mode(), _progress(progress, n, on_progress) as advance:
+    with _eval_mode(model, reference), torch.inference_mode(), _progress(progress, step, n, on_progress) as advance:
         for start in range(0, n, batch_size):
             batch = windows[start : start + batch_size]
             logits, vocab = _row_logits(model, split, batch.to(device))
@@ -352,45 +355,35 @@ def evaluate(
 
 @contextmanager
 def _progress(
-    enabled: bool, total: int, callback: Callable[[int, int], None] | None
+    progress: bool | Progress, step: str, total: int, callback: Callable[[int, int], None] | None
 ) -> Iterator[Callable[[int], None]]:
-    """advance(windows): feeds a rich progress bar on stderr over `total` windows and/or `callback(done, total)`."""
+    """advance(windows): reports `total` windows as `step` of `progress` and/or to `callback(done, total)`."""
     done = 0
     if callback is not None:
         callback(0, total)
-
-    def report(advanced: int) -> None:
-        nonlocal done
-        done += advanced
-        if callback is not None:
-            callback(done, total)
-
-    if not enabled:
-        yield report
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("evaluating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task = bar.add_task("evaluate", total=total)
+    with reporting(progress) as reporter:
+        counted = reporter.step(step, total, "windows") if reporter.enabled else None
 
         def advance(advanced: int) -> None:
-            bar.advance(task, advanced)
-            report(advanced)
+            nonlocal done
+            done += advanced
+            if counted is not None:
+                counted.update(done)
+            if callback is not None:
+                callback(done, total)
 
         yield advance
+
+def increments(count: Callable[[int], None] | None) -> Callable[[int, int], None] | None:
+    """`on_progress(done, total)` for `evaluate` that passes each batch's windows on as `count(k)`."""
+    if count is None:
+        return None
+    last = 0
+
+    def report(done: int, _total: int) -> None:
+        nonlocal last
+        if done > last:
+            count(done - last)
+            last = done
+
+    return report

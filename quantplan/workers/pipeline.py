@@ -22,6 +22,7 @@ import platformdirs
 import torch
 from torch import nn
 
+from quantplan.progress import Progress
 from quantplan.quant.apply import layer_shapes, needs_calibration, validate_plan
 from quantplan.quant.artifact import ArtifactInfo
 from quantplan.quant.costs import TableError, TableInfo, read_table_info
@@ -191,7 +192,7 @@ def sensitivity_table(
     max_memory: int | None = None,
     address: str | None = None,
     cache: bool = True,
-    progress: bool = False,
+    progress: bool | Progress = False,
     fingerprint: str | None = None,
 ) -> tuple[SensitivityTable, bool]:
     """The table for (model weights, calibration spec, estimator): from the cache when present, else computed
@@ -217,7 +218,7 @@ def sensitivity_table(
     return table, False
 
 
-def loaded_table(loaded: Loaded, *, workers: int = 1, address: str | None = None, progress: bool = False,
+def loaded_table(loaded: Loaded, *, workers: int = 1, address: str | None = None, progress: bool | Progress = False,
                  micro_batch: int = 1, act_samples: int | None = None, max_memory: int | None = None,
                  cache: bool = True) -> tuple[SensitivityTable, bool]:
     """The sensitivity stage: the cached or freshly computed table of the loaded model and calibration set.
@@ -232,7 +233,7 @@ def loaded_table(loaded: Loaded, *, workers: int = 1, address: str | None = None
 
 
 def table_for(loaded: Loaded, path: Path | None = None, *, workers: int = 1, address: str | None = None,
-              progress: bool = False) -> TableInfo:
+              progress: bool | Progress = False) -> TableInfo:
     """The table at `path` (checked against the loaded model), else `loaded_table`'s."""
     if path is None:
         return loaded_table(loaded, workers=workers, address=address, progress=progress)[0]
@@ -250,7 +251,8 @@ def table_for(loaded: Loaded, path: Path | None = None, *, workers: int = 1, add
 
 
 def materialize(loaded: Loaded, plan: Plan, out: Path, *, base_result: EvalResult | None = None,
-                overwrite: bool = False, batch_size: int = 8, progress: bool = False) -> tuple[ArtifactInfo, PlanEval]:
+                overwrite: bool = False, batch_size: int = 8,
+                progress: bool | Progress = False) -> tuple[ArtifactInfo, PlanEval]:
     """The materialize stage: calibrate, pack `plan` into the artifact directory `out` and measure the real
     quantized model on the loaded evaluation windows (`base_result`: the unquantized model's, when known)."""
     assert loaded.windows is not None, "load with LoadSpec(windows=True)"
@@ -268,7 +270,7 @@ class Measurer:
     """Measures plans on Ray workers (`workers.tasks.evaluate_plans`), the unquantized model once per window set."""
 
     def __init__(self, net: nn.Module, calib_tokens: torch.Tensor | None, *, workers: int = 1,
-                 address: str | None = None, progress: bool = False) -> None:
+                 address: str | None = None, progress: bool | Progress = False) -> None:
         self.net, self.calib_tokens = net, calib_tokens
         self.workers, self.address, self.progress = workers, address, progress
         self._bases: dict[int, tuple[torch.Tensor, EvalResult]] = {}  # id(windows) -> (windows, result)

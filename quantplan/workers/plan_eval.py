@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from quantplan.quant.apply import apply_plan
 from quantplan.quant.plan import Plan
-from quantplan.workers.evaluate import EvalResult, evaluate
+from quantplan.workers.evaluate import EvalResult, evaluate, increments
 
 __all__ = ["PlanEval", "evaluate_plan", "plan_label"]
 
@@ -54,14 +55,17 @@ def evaluate_plan(
     base_result: EvalResult | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    on_windows: Callable[[int], None] | None = None,
 ) -> PlanEval:
-    """Perplexity and KL(base || quantized) of `base` under `plan`; `base` itself is left untouched."""
+    """Perplexity and KL(base || quantized) of `base` under `plan`; `base` itself is left untouched.
+    `on_windows(k)` counts the windows of the plan's evaluation as they are done (not the base's)."""
     if base_result is None:
         base_result = evaluate(base, windows, batch_size=batch_size, progress=progress)
     model = copy.deepcopy(base)
     report = apply_plan(model, plan, calibration, batch_size=batch_size)
     log.info("evaluating %s: %d layers quantized", plan_label(plan), len(report.replaced))
-    result = evaluate(model, windows, reference=base, batch_size=batch_size, progress=progress)
+    result = evaluate(model, windows, reference=base, batch_size=batch_size, progress=progress,
+                      on_progress=increments(on_windows))
     assert report.cost is not None and result.kl is not None
     return PlanEval(
         plan=plan_label(plan),
@@ -73,3 +77,4 @@ def evaluate_plan(
         bytes=report.cost.bytes,
         base_perplexity=base_result.perplexity,
     )
+

@@ -6,28 +6,32 @@ reduces: Fisher sums with statistics on the sequences before the activation-cost
 set's statistics (forward); then Fisher sums with activation costs on the act set; then weight costs per chunk
 of layers from the reduced Fisher. Shards are whole micro-batches, so any number of workers sums the same
 micro-batch terms (only the float summation order differs).
+
+Progress (`quantplan.progress`): when someone listens, the tasks count their units (windows, layers) into a
+tally actor and the driver, waiting on the tasks, reads it every `POLL_S` seconds into the step it reports,
+re-reporting an unchanged count at least every `KEEPALIVE_S` seconds (a batch of long windows can take longer).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
 import ray
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from quantplan.errors import QuantPlanError
 from quantplan.net import AddressError, unreachable
+from quantplan.progress import Progress, Step, reporting
 from quantplan.quant.apply import quantizable_modules
 from quantplan.quant.modules import linear_layout
-from quantplan.workers.evaluate import EvalResult, evaluate
+from quantplan.workers.evaluate import EvalResult, evaluate, increments
 from quantplan.workers.plan_eval import PlanEval, evaluate_plan
 from quantplan.workers.sensitivity import (
     ActStats,
@@ -40,6 +44,7 @@ from quantplan.workers.sensitivity import (
     default_max_memory,
     fisher_sums,
     layer_act_params,
+    pass_windows,
     sensitivity_pass,
     weight_costs,
 )
@@ -49,6 +54,8 @@ log = logging.getLogger(__name__)
 
 RAY_ADDRESS_ENV = "QUANTPLAN_RAY_ADDRESS"
 MAX_RETRIES = 2  # a task runs at most 3 times before the computation fails with its error
+POLL_S = 0.5  # how often the driver reads the tasks' tally while they run
+KEEPALIVE_S = 2.0  # an unchanged count is reported again after this long (fresh elapsed time and eta)
 
 
 class RayError(QuantPlanError):
@@ -99,34 +106,69 @@ def _threads(workers: int) -> int:
 
 
 # -- remote functions (each sets its torch threads to the CPUs Ray gave it) -----------------------------------
+@ray.remote(num_cpus=0)
+class _Tally:
+    """Units done by the tasks of one driver call, by step: the tasks add, the driver reads."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, step: str, k: int) -> None:
+        self.counts[step] = self.counts.get(step, 0) + k
+
+    def get(self, step: str) -> int:
+        return self.counts.get(step, 0)
+
+
+@dataclass(frozen=True)
+class _Count:
+    """count(k): k more units of `step` done, sent to the tally without waiting (a task's on_windows)."""
+
+    tally: Any  # ray.actor.ActorHandle of _Tally
+    step: str
+
+    def __call__(self, k: int) -> None:
+        self.tally.add.remote(self.step, k)
+
+
+Count = _Count | None
+
+
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
 def _pass_task(model: nn.Module, tokens: torch.Tensor, micro_batch: int, act_samples: int | None,
-               max_memory: int, threads: int) -> tuple[ActStats, FisherSums]:
+               max_memory: int, threads: int, count: Count = None) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
     return sensitivity_pass(model.float(), tokens, micro_batch=micro_batch, act_samples=act_samples,
-                            max_memory=max_memory)
+                            max_memory=max_memory, on_windows=count)
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _stats_task(model: nn.Module, tokens: torch.Tensor, batch_size: int, threads: int) -> tuple[ActStats, FisherSums]:
+def _stats_task(model: nn.Module, tokens: torch.Tensor, batch_size: int, threads: int,
+                count: Count = None) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
-    return collect_act_stats(model.float(), tokens, batch_size=batch_size), FisherSums()
+    return collect_act_stats(model.float(), tokens, batch_size=batch_size, on_windows=count), FisherSums()
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
 def _fisher_task(model: nn.Module, tokens: torch.Tensor, params: dict | None, micro_batch: int, batch_size: int,
-                 threads: int) -> tuple[ActStats, FisherSums]:
+                 threads: int, count: Count = None) -> tuple[ActStats, FisherSums]:
     torch.set_num_threads(threads)
     stats = ActStats()  # recorded on a Fisher-only shard (no parameters); an act-set shard's are known already
     sums = fisher_sums(model.float(), tokens, params, micro_batch=micro_batch, batch_size=batch_size,
-                       stats=stats if params is None else None)
+                       stats=stats if params is None else None, on_windows=count)
     return stats, sums
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _weight_task(items: list[tuple[str, torch.Tensor, torch.Tensor]], threads: int) -> dict[str, dict]:
+def _weight_task(items: list[tuple[str, torch.Tensor, torch.Tensor]], threads: int,
+                 count: Count = None) -> dict[str, dict]:
     torch.set_num_threads(threads)
-    return {name: weight_costs(w, f) for name, w, f in items}
+    out = {}
+    for name, w, f in items:
+        out[name] = weight_costs(w, f)
+        if count is not None:
+            count(1)
+    return out
 
 
 # -- driver ---------------------------------------------------------------------------------------------------
@@ -140,7 +182,7 @@ def compute_sensitivity(
     max_memory: int | None = None,
     address: str | None = None,
     threads: int | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     **meta: Any,
 ) -> SensitivityTable:
     """The SensitivityTable of `model` on calibration `tokens` [samples, seq_len], on `workers` Ray workers
@@ -148,7 +190,8 @@ def compute_sensitivity(
     batches to `max_memory` bytes (default `default_max_memory`: see `workers.sensitivity.batch_plan`).
 
     Each task gets `threads` CPUs and torch threads (default: the cluster's CPUs / workers).
-    `meta` (key, model_info, calibration, estimator) is stored in the table as given.
+    `meta` (key, model_info, calibration, estimator) is stored in the table as given. `progress` reports the
+    steps "sensitivity pass" (windows, across all workers) and "weight costs" (layers).
     """
     if not quantizable_modules(model):
         raise QuantPlanError("the model has no quantizable layer (nn.Linear or Conv1D besides the output head)")
@@ -157,41 +200,53 @@ def compute_sensitivity(
     opts = {"num_cpus": threads}
     max_memory = max_memory or default_max_memory(model, workers)
     model_ref = ray.put(model.eval())
-    with _progress(progress) as track:
+    with _tracking(progress) as track:
         if workers == 1:  # one process: the fused pass, one forward per token
-            stats, sums = track("sensitivity pass", [_pass_task.options(**opts).remote(
-                model_ref, tokens, micro_batch, act_samples, max_memory, threads)])[0]
+            total = pass_windows(model, tokens, micro_batch=micro_batch, act_samples=act_samples,
+                                 max_memory=max_memory)
+            stats, sums = track(PASS_STEP, [_pass_task.options(**opts).remote(
+                model_ref, tokens, micro_batch, act_samples, max_memory, threads, track.count(PASS_STEP))],
+                total)[0]
         else:
             batch_size = batch_plan(model, tokens.shape[1], micro_batch, max_memory)[0]
             stats, sums = _parallel_pass(model, model_ref, tokens, workers, micro_batch, act_samples, batch_size,
                                          opts, track)
         chunks = _layer_chunks(model, sums, 2 * workers)
         costs: dict[str, dict[str, WeightCost]] = {}
-        for part in track("weight costs", [_weight_task.options(**opts).remote(c, threads) for c in chunks]):
+        count = track.count("weight costs")
+        for part in track("weight costs", [_weight_task.options(**opts).remote(c, threads, count) for c in chunks],
+                          sum(map(len, chunks)), "layers"):
             costs |= part
     model_info = meta.pop("model_info", {})
     return build_table(model, stats, sums, costs, model=model_info, **meta)
 
 
+PASS_STEP = "sensitivity pass"
+
+
 def _parallel_pass(
     model: nn.Module, model_ref: ray.ObjectRef, tokens: torch.Tensor, workers: int, micro_batch: int,
-    act_samples: int | None, batch_size: int, opts: dict, track: Callable[[str, list], list],
+    act_samples: int | None, batch_size: int, opts: dict, track: _Track,
 ) -> tuple[ActStats, FisherSums]:
     """The pass on several workers: tasks over shards of the sequences before the act set run the Fisher pass
     and record statistics, while tasks over shards of the act set record its statistics (a forward); then,
-    with every statistic known, tasks over the act set's shards run the Fisher pass with activation costs."""
+    with every statistic known, tasks over the act set's shards run the Fisher pass with activation costs.
+    Progress: one step over every window pass (the act set's windows count twice: statistics, then Fisher)."""
     start = act_set_start(tokens, micro_batch, act_samples)
     threads = opts["num_cpus"]
     head = _shards(tokens[:start], micro_batch, 2 * workers) if start else []
-    first = track("Fisher pass and statistics", [
-        *(_fisher_task.options(**opts).remote(model_ref, s, None, micro_batch, batch_size, threads) for s in head),
-        *(_stats_task.options(**opts).remote(model_ref, s, batch_size, threads)
-          for s in _shards(tokens[start:], micro_batch, 2 * workers))])
+    count = track.count(PASS_STEP)
+    step = track.step(PASS_STEP, start + 2 * (tokens.shape[0] - start))
+    first = track(step, [
+        *(_fisher_task.options(**opts).remote(model_ref, s, None, micro_batch, batch_size, threads, count)
+          for s in head),
+        *(_stats_task.options(**opts).remote(model_ref, s, batch_size, threads, count)
+          for s in _shards(tokens[start:], micro_batch, 2 * workers))], end=False)
     stats = reduce(ActStats.merge, (s for s, _ in first))
     sums = reduce(FisherSums.merge, (f for _, f in first))
     params = layer_act_params(model, stats)
-    for _, part in track("activation costs", [
-            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, batch_size, threads)
+    for _, part in track(step, [
+            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, batch_size, threads, count)
             for s in _shards(tokens[start:], micro_batch, 2 * workers)]):
         sums.merge(part)
     return stats, sums
@@ -217,23 +272,57 @@ def _layer_chunks(model: nn.Module, sums: FisherSums, n: int) -> list[list[tuple
     return [c for c in chunks if c]
 
 
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, list], list]]:
-    """Yields track(stage, refs) -> results, which waits for the tasks as they finish and advances a bar."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), disable=not enabled)  # stdout carries results (--json)
+class _Track:
+    """track(step, refs, total, unit) -> the tasks' results in order, reporting the step while waiting: the
+    tally's count of `step` when the tasks count (`count(step)` given to them), else tasks done."""
 
-    def track(stage: str, refs: list) -> list:
-        task = bar.add_task(stage, total=len(refs))
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tally = _Tally.remote() if progress.enabled else None
+
+    def count(self, step: str) -> Count:
+        return _Count(self.tally, step) if self.tally is not None else None
+
+    def step(self, name: str, total: int, unit: str = "windows") -> Step:
+        return self.progress.step(name, total, unit)
+
+    def __call__(self, step: str | Step, refs: list, total: int | None = None, unit: str = "windows", *,
+                 end: bool = True) -> list:
+        counted = not (isinstance(step, str) and total is None)  # else: tasks done are the units
+        if isinstance(step, str):
+            step = self.step(step, len(refs), "tasks") if total is None else self.step(step, total, unit)
         order, pending, done = {r: i for i, r in enumerate(refs)}, list(refs), {}
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            done[order[ready[0]]] = _get(ready[0], stage)
-            bar.advance(task)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+                for ref in ready:
+                    done[order[ref]] = _get(ref, step.name)
+                if not counted:
+                    step.update(len(done))
+                elif self.tally is not None:
+                    step.update(ray.get(self.tally.get.remote(step.name)))
+                step.tick(KEEPALIVE_S)
+        except BaseException:
+            for ref in pending:  # e.g. a listener stopped the work (a cancel request): stop the tasks too
+                ray.cancel(ref)
+            raise
+        if end:
+            step.finish()  # the last counts may still be on their way to the tally
         return [done[i] for i in range(len(refs))]
 
-    with bar:
-        yield track
+    def close(self) -> None:
+        if self.tally is not None:
+            ray.kill(self.tally)
+
+
+@contextmanager
+def _tracking(progress: bool | Progress) -> Iterator[_Track]:
+    with reporting(progress) as reporter:
+        track = _Track(reporter)
+        try:
+            yield track
+        finally:
+            track.close()
 
 
 def _get(ref: ray.ObjectRef, stage: str) -> Any:
@@ -254,16 +343,17 @@ def _cause(e: ray.exceptions.RayTaskError) -> str:
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _base_task(model: nn.Module, windows: torch.Tensor, threads: int) -> EvalResult:
+def _base_task(model: nn.Module, windows: torch.Tensor, threads: int, count: Count = None) -> EvalResult:
     torch.set_num_threads(threads)
-    return evaluate(model.float(), windows)
+    return evaluate(model.float(), windows, on_progress=increments(count))
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
 def _eval_task(model: nn.Module, plan: Any, windows: torch.Tensor, calibration: torch.Tensor | None,
-               base: EvalResult, threads: int) -> PlanEval:
+               base: EvalResult, threads: int, count: Count = None) -> PlanEval:
     torch.set_num_threads(threads)
-    return evaluate_plan(model.float(), plan, windows, calibration, base_result=base)
+    return evaluate_plan(model.float(), plan, windows, calibration, base_result=base, on_windows=count)
+
 
 
 def evaluate_plans(
@@ -274,31 +364,40 @@ def evaluate_plans(
     *,
     workers: int = 1,
     address: str | None = None,
-    progress: bool = False,
+    progress: bool | Progress = False,
     base: EvalResult | None = None,
 ) -> list[PlanEval]:
     """Perplexity and KL(base || quantized) of `model` under each `quant.plan.Plan` on held-out `windows`,
     one Ray task per plan on `workers` workers; results in the order of `plans`. `base` is the unquantized
-    model's result on the same windows when the caller has it (from `evaluate_base`); else it is measured."""
+    model's result on the same windows when the caller has it (from `evaluate_base`); else it is measured.
+    `progress` reports the step "plan evaluation" in windows over every plan."""
     if not plans:
         return []
     init_ray(address)
     threads = _threads(workers)
     opts = {"num_cpus": threads}
     model_ref, windows_ref, calib_ref = ray.put(model.eval()), ray.put(windows), ray.put(calib_tokens)
-    with _progress(progress) as track:
+    with _tracking(progress) as track:
         if base is None:
-            base = track("unquantized model", [_base_task.options(**opts).remote(model_ref, windows_ref, threads)])[0]
-        return track("plan evaluation", [
-            _eval_task.options(**opts).remote(model_ref, plan, windows_ref, calib_ref, base, threads) for plan in plans
-        ])
+            base = _track_base(track, model_ref, windows_ref, len(windows), threads)
+        count = track.count(EVAL_STEP)
+        return track(EVAL_STEP, [
+            _eval_task.options(**opts).remote(model_ref, plan, windows_ref, calib_ref, base, threads, count)
+            for plan in plans
+        ], len(plans) * len(windows))
+
+
+EVAL_STEP, BASE_STEP = "plan evaluation", "unquantized model"
 
 
 def evaluate_base(model: nn.Module, windows: torch.Tensor, *, workers: int = 1, address: str | None = None,
-                  progress: bool = False) -> EvalResult:
+                  progress: bool | Progress = False) -> EvalResult:
     """The unquantized model's result on `windows` (a Ray task), to pass as `evaluate_plans(base=...)`."""
     init_ray(address)
-    threads = _threads(workers)
-    with _progress(progress) as track:
-        task = _base_task.options(num_cpus=threads).remote(ray.put(model.eval()), ray.put(windows), threads)
-        return track("unquantized model", [task])[0]
+    with _tracking(progress) as track:
+        return _track_base(track, ray.put(model.eval()), ray.put(windows), len(windows), _threads(workers))
+
+
+def _track_base(track: _Track, model_ref: Any, windows_ref: Any, windows: int, threads: int) -> EvalResult:
+    task = _base_task.options(num_cpus=threads).remote(model_ref, windows_ref, threads, track.count(BASE_STEP))
+    return track(BASE_STEP, [task], windows)[0]

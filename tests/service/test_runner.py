@@ -191,13 +191,13 @@ def test_cancel_of_a_running_job_is_honoured_at_the_next_stage(tmp_path, monkeyp
     runner = Runner(repo, open_store(tmp_path / "art"), config=RunnerConfig(heartbeat_interval=0.2))
     job = repo.create_job({"model": "m", "data": "wikitext2", "budget_bits": 4.25})
 
-    def load_then_get_cancelled(self):
+    def load_then_get_cancelled(self, progress):
         repo.cancel_job(self.job.id)  # a user cancels while the model loads
         return None
 
     monkeypatch.setattr("quantplan.service.runner.JobRun._load", load_then_get_cancelled)
     monkeypatch.setattr("quantplan.service.runner.JobRun._sensitivity",
-                        lambda self, loaded: pytest.fail("not cancelled"))
+                        lambda self, loaded, progress: pytest.fail("not cancelled"))
     done = runner.run_job(job.id)
     assert (done.status, done.stage, done.finished_at is not None) == ("cancelled", "load", True)
 
@@ -207,7 +207,7 @@ def test_a_crashing_job_is_retried_then_failed(tmp_path, monkeypatch) -> None:
     runner = Runner(repo, open_store(tmp_path / "art"), config=RunnerConfig(heartbeat_interval=0.2, max_attempts=2))
     job = repo.create_job({"model": "m", "data": "wikitext2", "budget_bits": 4.25})
 
-    def crash(self):
+    def crash(self, progress):
         raise RuntimeError("worker node lost")
 
     monkeypatch.setattr("quantplan.service.runner.JobRun._load", crash)

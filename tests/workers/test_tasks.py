@@ -11,8 +11,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantplan.errors import QuantPlanError
+from quantplan.progress import Progress, ProgressEvent
 from quantplan.workers.data import calibration_set
 from quantplan.workers.models import load_model
+from quantplan.workers.sensitivity import default_max_memory, pass_windows
 from quantplan.workers.tasks import RayError, compute_sensitivity, init_ray
 
 
@@ -30,8 +32,19 @@ def test_two_workers_give_the_same_table_as_one(ray_local, stories_hf: Path, sto
     model, tok = load_model(str(stories_hf))
     calib = calibration_set(f"text:{stories_dir / 'sampled_seed1.txt'}", tok, samples=8, seq_len=64, seed=3)
     meta = {"key": "k", "model_info": {}, "calibration": {}, "estimator": {}, "act_samples": act_samples}
-    one = compute_sensitivity(model, calib.tokens, workers=1, **meta)
-    two = compute_sensitivity(model, calib.tokens, workers=2, **meta)
+    events: dict[int, list[ProgressEvent]] = {1: [], 2: []}
+    one = compute_sensitivity(model, calib.tokens, workers=1, progress=Progress(events[1].append), **meta)
+    two = compute_sensitivity(model, calib.tokens, workers=2, progress=Progress(events[2].append), **meta)
+    # progress counts windows across the workers (the two-worker act set twice: statistics, then Fisher) and
+    # layers for the weight costs, each step from 0 to its total
+    fused = pass_windows(model, calib.tokens, act_samples=act_samples, max_memory=default_max_memory(model))
+    assert fused >= 8  # every window once, act-set windows beyond those held at once twice
+    for workers, total in ((1, fused), (2, 8 + (act_samples or 8))):
+        steps = {(e.step, e.unit, e.total) for e in events[workers]}
+        assert steps == {("sensitivity pass", "windows", total), ("weight costs", "layers", len(one.layers))}
+        for step, _, total in steps:
+            done = [e.done for e in events[workers] if e.step == step]
+            assert done[0] == 0 and done[-1] == total and done == sorted(done)
     assert one.estimator["batches"] == two.estimator["batches"] == 8
     assert one.estimator["act_batches"] == two.estimator["act_batches"] == (act_samples or 8)
     for a, b in zip(one.layers, two.layers, strict=True):
@@ -69,7 +82,7 @@ class RaisingModel(CrashingModel):
 @pytest.mark.parametrize(("model_cls", "workers", "stage"), [
     (RaisingModel, 1, "sensitivity pass"),
     (CrashingModel, 1, "sensitivity pass"),
-    (RaisingModel, 2, "Fisher pass and statistics"),
+    (RaisingModel, 2, "sensitivity pass"),
 ])
 def test_failing_worker_is_retried_then_reported(ray_local, tmp_path: Path, model_cls: type, workers: int,
                                                  stage: str) -> None:

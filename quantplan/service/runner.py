@@ -391,9 +391,11 @@ class _JobProgress:
         self.written[key] = now
         self.overall = max(self.overall, _overall(event))
         try:
-            run.repo.update_job(run.job.id, run.runner.id, progress=self.overall, step=event.to_dict())
+            record = run.repo.update_job(run.job.id, run.runner.id, progress=self.overall, step=event.to_dict())
         except JobStateError:
             raise Lost from None
+        if record.cancel_requested:  # seen on the record itself: no need to wait for the heartbeat thread
+            raise Cancelled
 
 
 def _overall(event: ProgressEvent) -> float:

@@ -144,3 +144,25 @@ def test_a_job_reports_progress_in_every_stage_and_status_shows_it(
         assert 0.0 <= status["progress"] <= 1.0
     final = json.loads(run_cli(capsys, "status", str(job.id), "--json")[1])
     assert (final["status"], final["progress"], final["stage"]) == ("succeeded", 1.0, "materialize")
+
+
+@pytest.mark.slow
+def test_a_cancel_is_honoured_inside_a_stage(db_env: dict[str, str], ray_local, stories_hf: Path,
+                                             stories_dir: Path) -> None:
+    """A cancel request stops the sensitivity pass at its next stored event, not at the next stage."""
+    repo = Repository(db_env["db"])
+    spec = JobSpec.parse({"model": str(stories_hf), "data": f"text:{stories_dir / 'sampled_seed1.txt'}",
+                          "budget_bits": 4.5, "samples": 8, "seq_len": 64, "eval_samples": 4, "workers": 2})
+    job = repo.create_job(spec.to_json())
+    steps: list[str] = []
+
+    def cancel_once_the_pass_starts(event: ProgressEvent) -> None:
+        steps.append(event.step)
+        if event.step == "sensitivity pass" and event.done == 0:
+            repo.cancel_job(job.id)  # a user cancels while the pass runs
+
+    runner = Runner(repo, open_store(db_env["artifacts"]), config=RunnerConfig(heartbeat_interval=60.0),
+                    listeners=[cancel_once_the_pass_starts])
+    done = runner.run_job(job.id)
+    assert (done.status, done.stage) == ("cancelled", "sensitivity")
+    assert "weight costs" not in steps  # stopped inside the pass (the heartbeat, every 60 s, never ran)

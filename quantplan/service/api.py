@@ -2,7 +2,7 @@
 
     POST /v1/jobs                  202, the job (optional `Idempotency-Key` header: a retried submission is safe)
     GET  /v1/jobs                  jobs, newest last (`status`, `limit`)
-    GET  /v1/jobs/{id}             status, stage, progress, error
+    GET  /v1/jobs/{id}             status, stage, progress (step, done, total, eta), error
     GET  /v1/jobs/{id}/plans       the plans a job stored, with metrics
     POST /v1/jobs/{id}/cancel      cancel a queued job now, a running one at its next stage
     GET  /v1/leaderboard           plans of a model: filtered, sorted, paged

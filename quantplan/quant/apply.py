@@ -121,6 +121,7 @@ def apply_plan(
     module_factory: ModuleFactory | None = None,
     resolved: Mapping[str, LayerSpec] | None = None,
     progress: bool | Progress = False,
+    stats: CalibrationStats | None = None,
 ) -> ApplyReport:
     """Swap the layers the plan targets for FakeQuantLinear modules (or `module_factory`'s), in place.
 
@@ -128,7 +129,9 @@ def apply_plan(
     layer uses a8-static, a8-lae or a8-smooth. `quantize_activations=False` keeps the equalization but
     simulates activations in float (isolates the equalization transform; FakeQuantLinear only). `resolved` is
     `resolve_plan(model, plan)` when the caller has it; the report's `specs` hand the resolved specs on.
-    `progress` reports the layers as they are swapped (step "quantize layers").
+    `progress` reports the layers as they are swapped (step "quantize layers"). `stats`: this model's
+    `collect_input_stats` on the calibration tokens for (at least) every layer that needs calibration, when the
+    caller has them (several plans of one model share them); `calibration` is then not read.
     """
     if module_factory is None:
         module_factory = partial(FakeQuantLinear, quantize_activations=quantize_activations)
@@ -138,11 +141,17 @@ def apply_plan(
     specs = {n: s for n, s in resolved.items() if s.scheme.quantized}
     report = ApplyReport(cost=validate_plan(model, plan, resolved), specs=specs)
     need_stats = [n for n, s in specs.items() if s.scheme.act.needs_calibration]
-    stats = CalibrationStats({}, {})
     with reporting(progress) as reporter:
-        if need_stats:
+        if need_stats and stats is not None:
+            missing = [n for n in need_stats if n not in stats.absmax]
+            if missing:
+                raise ValueError(f"the calibration stats lack {len(missing)} layers the plan needs, e.g. {missing[0]}")
+            stats = CalibrationStats({n: stats.absmax[n] for n in need_stats}, dict(stats.feeders))
+        elif need_stats:
             tokens = _calibration_tokens(calibration, [specs[n] for n in need_stats])
             stats = collect_input_stats(model, tokens, need_stats, batch_size=batch_size, progress=reporter)
+        else:
+            stats = CalibrationStats({}, {})
         modules = dict(model.named_modules())
         scales = _equalization_scales(modules, specs, stats, report)
         step = reporter.step("quantize layers", len(specs), "layers") if reporter.enabled else None

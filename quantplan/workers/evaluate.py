@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -40,7 +40,8 @@ from quantplan.quant.modules import FakeQuantLinear
 from quantplan.quant.qlinear import QuantLinear
 from quantplan.workers.lm import CHUNKED_LMS, LMSplit, split_lm
 
-__all__ = ["CHUNKED_LMS", "EvalMemory", "EvalResult", "eval_memory", "evaluate", "increments"]
+__all__ = ["CHUNKED_LMS", "EvalMemory", "EvalResult", "eval_memory", "evaluate", "evaluate_many", "increments",
+           "merge_results"]
 
 log = logging.getLogger(__name__)
 
@@ -344,13 +345,79 @@ def evaluate(
             advance(len(batch))
 
     tokens = n * (seq_len - 1)
-    nll = float(nll_sum) / tokens
-    return EvalResult(
-        perplexity=math.exp(nll) if nll < 709.0 else math.inf,
-        nll=nll,
-        tokens=tokens,
-        kl=float(kl_sum) / tokens if reference is not None else None,
-    )
+    return _result(float(nll_sum) / tokens, tokens, float(kl_sum) / tokens if reference is not None else None)
+
+
+def evaluate_many(
+    reference: nn.Module,
+    models: Sequence[nn.Module],
+    windows: torch.Tensor,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[EvalResult, list[EvalResult]]:
+    """The reference's result and each model's perplexity and KL(reference || model) on `windows`, in one pass.
+
+    Each batch goes through the reference once and each chunk of its log-softmax serves every model, where
+    `evaluate(model, reference=...)` per model would run the reference once per model: P models cost P + 1
+    forwards per window instead of 2P. The numbers are `evaluate`'s (the same chunks, summed in the same order).
+    `on_progress(done, total)` counts windows (each through every model)."""
+    _check_args(windows, batch_size, None)
+    windows = windows.long()
+    n, seq_len = windows.shape
+    ref_split = _split_lm(reference)
+    splits = [_split_lm(m) for m in models]
+    sums = torch.zeros(len(models) + 1, 2, dtype=torch.float64)  # [reference, *models] x (nll, kl)
+    with _eval_mode(reference, *models), torch.inference_mode(), _progress(False, "", n, on_progress) as advance:
+        for start in range(0, n, batch_size):
+            batch = windows[start : start + batch_size]
+            ref_logits, vocab = _row_logits(reference, ref_split, batch.to(_device_of(reference)))
+            logits = []
+            for m, split in zip(models, splits, strict=True):
+                row_logits, model_vocab = _row_logits(m, split, batch.to(_device_of(m)))
+                if model_vocab != vocab:
+                    raise ValueError(f"reference vocabulary ({vocab}) does not match a model's ({model_vocab})")
+                logits.append(row_logits)
+            sums += _many_sums(ref_logits, logits, batch, vocab)
+            del ref_logits, logits
+            advance(len(batch))
+    tokens = n * (seq_len - 1)
+    results = [_result(float(nll) / tokens, tokens, float(kl) / tokens) for nll, kl in sums[1:]]
+    return _result(float(sums[0, 0]) / tokens, tokens, None), results
+
+
+def _many_sums(ref_logits: RowLogits, logits: Sequence[RowLogits], targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[1 + models, 2] sums of (NLL, KL) over one batch: `_batch_sums`' chunks, the reference's log-softmax
+    computed once per chunk for every model."""
+    rows, length = targets.shape
+    chunk = max(1, _CHUNK_ELEMENTS // vocab)
+    out = torch.zeros(len(logits) + 1, 2, dtype=torch.float64)
+    for row in range(rows):
+        for start in range(0, length - 1, chunk):
+            stop = min(start + chunk, length - 1)
+            target = targets[row, start + 1 : stop + 1]
+            ref_logp = F.log_softmax(ref_logits(row, start, stop).double(), dim=-1)
+            out[0, 0] += F.nll_loss(ref_logp, target.to(ref_logp.device), reduction="sum").cpu()
+            for i, model_logits in enumerate(logits, 1):
+                logp = F.log_softmax(model_logits(row, start, stop).double(), dim=-1)
+                out[i, 0] += F.nll_loss(logp, target.to(logp.device), reduction="sum").cpu()
+                out[i, 1] += F.kl_div(logp, ref_logp.to(logp.device), reduction="sum", log_target=True).cpu()
+                del logp
+            del ref_logp
+    return out
+
+
+def _result(nll: float, tokens: int, kl: float | None) -> EvalResult:
+    return EvalResult(perplexity=math.exp(nll) if nll < 709.0 else math.inf, nll=nll, tokens=tokens, kl=kl)
+
+
+def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
+    """One result from results on disjoint windows (token-weighted means of NLL and KL)."""
+    tokens = sum(p.tokens for p in parts)
+    nll = sum(p.nll * p.tokens for p in parts) / tokens
+    kls = [p.kl for p in parts]
+    kl = None if any(k is None for k in kls) else sum(k * p.tokens for k, p in zip(kls, parts, strict=True)) / tokens
+    return _result(nll, tokens, kl)
 
 
 @contextmanager

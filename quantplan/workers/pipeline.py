@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from quantplan.progress import Progress
-from quantplan.quant.apply import layer_shapes, needs_calibration, validate_plan
+from quantplan.quant.apply import CalibrationStats, layer_shapes, needs_calibration, validate_plan
 from quantplan.quant.artifact import ArtifactInfo
 from quantplan.quant.costs import TableError, TableInfo, read_table_info
 from quantplan.quant.plan import Plan
@@ -267,13 +267,15 @@ def materialize(loaded: Loaded, plan: Plan, out: Path, *, base_result: EvalResul
 
 
 class Measurer:
-    """Measures plans on Ray workers (`workers.tasks.evaluate_plans`), the unquantized model once per window set."""
+    """Measures plans on Ray workers (`workers.tasks.measure_plans`): the calibration statistics collected once
+    for every plan, the unquantized model once per window set (in the same pass as the plans)."""
 
     def __init__(self, net: nn.Module, calib_tokens: torch.Tensor | None, *, workers: int = 1,
                  address: str | None = None, progress: bool | Progress = False) -> None:
         self.net, self.calib_tokens = net, calib_tokens
         self.workers, self.address, self.progress = workers, address, progress
         self._bases: dict[int, tuple[torch.Tensor, EvalResult]] = {}  # id(windows) -> (windows, result)
+        self._stats: CalibrationStats | None = None
 
     def base(self, windows: torch.Tensor) -> EvalResult:
         """The unquantized model on `windows` (measured on the first call for these windows)."""
@@ -292,9 +294,15 @@ class Measurer:
 
     def measure(self, plans: Sequence[Plan], windows: torch.Tensor) -> list[PlanEval]:
         """Each plan's `PlanEval` on `windows`, in the order of `plans`."""
-        from quantplan.workers.tasks import evaluate_plans
+        from quantplan.workers.tasks import calibration_stats, measure_plans
 
         if not plans:
             return []
-        return evaluate_plans(self.net, plans, windows, self.calib_tokens, workers=self.workers,
-                              address=self.address, progress=self.progress, base=self.base(windows))
+        if self._stats is None and self.calib_tokens is not None and any(needs_calibration(self.net, p)
+                                                                         for p in plans):
+            self._stats = calibration_stats(self.net, self.calib_tokens, workers=self.workers, address=self.address,
+                                            progress=self.progress)
+        base, evals = measure_plans(self.net, plans, windows, self.calib_tokens, workers=self.workers,
+                                    address=self.address, progress=self.progress, stats=self._stats)
+        base = self._bases.setdefault(id(windows), (windows, base))[1]  # the first measurement's, every time
+        return [replace(e, base_perplexity=base.perplexity) for e in evals]

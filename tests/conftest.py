@@ -95,3 +95,10 @@ def ray_local():
     init_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_local) -> str:
+    """The session's Ray instance (its GCS address) for the `quantplan runner` / `serve` processes a test starts:
+    they join it (QUANTPLAN_RAY_ADDRESS) instead of starting a Ray instance of their own, which takes seconds."""
+    return ray_local.get_runtime_context().gcs_address

@@ -51,7 +51,7 @@ class Kernel:
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel(served("w8a8"), w8a8.w8a8_triton, w8a8.w8a8_ref),
-    Kernel(served("w4a8"), w4a8.w4a8_triton, w4a8.w4a8_ref, w4a8.prepare),
+    Kernel(served("w4a8"), w4a8.w4a8_triton, w4a8.w4a8_cpu, w4a8.prepare),
     Kernel(served("w4a16"), w4a16.w4a16_triton, w4a16.w4a16_ref, w4a16.prepare),
 )
 

@@ -331,7 +331,6 @@ class JobRun:
     def _materialize(self, loaded: Loaded, report: SearchReport, plan_ids: dict[tuple[LayerScheme, ...], int],
                      progress: Progress) -> None:
         """Pack the best measured plans (best first), measure the real artifacts, archive them."""
-        from quantplan.workers.evaluate import evaluate
         from quantplan.workers.pipeline import materialize
 
         chosen = to_materialize(report, self.spec.materialize_top)
@@ -339,8 +338,7 @@ class JobRun:
         if not pending:
             return
         assert loaded.windows is not None
-        # the unquantized model on these windows, as the search measured it (measured here when it did not)
-        base = report.base or evaluate(loaded.net, loaded.windows, progress=progress, step="unquantized model")
+        base = report.base  # the unquantized model on these windows, as the search measured it (else: in the pass)
         dataset = str(loaded.eval_data)
         for i, candidate in enumerate(pending):
             if i > 0:  # the stage itself was entered (and logged) before the first plan
@@ -349,7 +347,8 @@ class JobRun:
             plan = report.problem.plan(candidate, meta={"job": self.job.id, "plan_id": plan_id})
             with _scratch() as tmp:
                 out = tmp / "artifact"
-                _, real = materialize(loaded, plan, out, base_result=base, progress=progress)
+                _, real = materialize(loaded, plan, out, base_result=base, progress=progress,
+                                      workers=self.spec.workers, address=self.address)
                 stored = self.store.put_dir(out)
             self.repo.set_metrics(plan_id, {("perplexity", dataset): real.perplexity, ("kl", dataset): real.kl,
                                             ("base_perplexity", dataset): real.base_perplexity,

@@ -251,14 +251,16 @@ def table_for(loaded: Loaded, path: Path | None = None, *, workers: int = 1, add
 
 
 def materialize(loaded: Loaded, plan: Plan, out: Path, *, base_result: EvalResult | None = None,
-                overwrite: bool = False, batch_size: int = 8,
-                progress: bool | Progress = False) -> tuple[ArtifactInfo, PlanEval]:
+                overwrite: bool = False, batch_size: int = 8, progress: bool | Progress = False,
+                workers: int | None = None, address: str | None = None) -> tuple[ArtifactInfo, PlanEval]:
     """The materialize stage: calibrate, pack `plan` into the artifact directory `out` and measure the real
-    quantized model on the loaded evaluation windows (`base_result`: the unquantized model's, when known)."""
+    quantized model on the loaded evaluation windows (`base_result`: the unquantized model's, when known), in
+    this process or on `workers` Ray workers."""
     assert loaded.windows is not None, "load with LoadSpec(windows=True)"
     info, real = materialize_plan(loaded.net, plan, loaded.calib_tokens, out, windows=loaded.windows,
                                   eval_info=loaded.eval_info(), model_info=loaded.identity, base_result=base_result,
-                                  overwrite=overwrite, batch_size=batch_size, progress=progress)
+                                  overwrite=overwrite, batch_size=batch_size, progress=progress, workers=workers,
+                                  address=address)
     assert real is not None
     return info, real
 

@@ -136,3 +136,28 @@ def test_plans_measured_together_equal_one_evaluation_each(ray_local, stories_hf
     totals = {(e.step, e.unit, e.total) for e in events}
     assert totals == {("calibration", "windows", 4), ("plan evaluation", "windows", 4 * 5)}
     assert all(e.done == e.total for e in events if e is events[-1])
+
+
+def test_models_evaluated_on_sharded_windows_equal_one_pass(ray_local, stories_hf: Path, stories_dir: Path) -> None:
+    """evaluate_models shards the windows over the workers and ships the models as they are (a real quantized
+    model with packed weights here): the merged numbers are evaluate_many's on all windows at once."""
+    import copy
+    import tempfile
+
+    from quantplan.quant.artifact import load_quantized, materialize
+    from quantplan.quant.plan import Plan
+    from quantplan.workers.evaluate import evaluate_many
+    from quantplan.workers.tasks import evaluate_models
+
+    model, tok = load_model(str(stories_hf))
+    windows = calibration_set(f"text:{stories_dir / 'sampled_seed1.txt'}", tok, samples=5, seq_len=64, seed=4).tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        materialize(model, Plan.uniform("w4g32:a8-dynamic"), None, f"{tmp}/a")
+        quantized = copy.deepcopy(model)
+        load_quantized(quantized, f"{tmp}/a")
+    events: list[ProgressEvent] = []
+    base, (result,) = evaluate_models(model, [quantized], windows, workers=2, progress=Progress(events.append))
+    want_base, (want,) = evaluate_many(model, [quantized], windows)
+    assert base.nll == pytest.approx(want_base.nll, rel=1e-9) and result.tokens == want.tokens == 5 * 63
+    assert result.nll == pytest.approx(want.nll, rel=1e-9) and result.kl == pytest.approx(want.kl, rel=1e-9)
+    assert result.kl > 0 and events[-1].done == events[-1].total == 5

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -132,8 +133,9 @@ class JobResult:
 
     def rows(self) -> list[dict[str, Any]]:
         b = self.base
-        rows = [{"search": "-", "plan": "float32 (unquantized)", "avg_bits": 32.0, "bytes": None, "windows": "test",
-                 "tokens": b.tokens, "perplexity": b.perplexity, "kl": 0.0, "note": ""}]
+        rows = [] if b is None else [{"search": "-", "plan": "float32 (unquantized)", "avg_bits": 32.0, "bytes": None,
+                                      "windows": "test", "tokens": b.tokens, "perplexity": b.perplexity, "kl": 0.0,
+                                      "note": ""}]
         for s in self.searches:
             report, final = s["report"], s["final"]
             for c in report.candidates():
@@ -170,8 +172,9 @@ def run_job(model: str, data: str, *, calib_windows: int = 64, seq_len: int = 51
     from quantplan.service.console import stderr
     from quantplan.service.jobs import JobSpec
     from quantplan.service.pipeline import RunOptions, SearchInputs, load_spec, search_stage
-    from quantplan.workers.evaluate import evaluate
-    from quantplan.workers.pipeline import evaluate_plan, load, loaded_table, materialize
+    from quantplan.workers.evaluate import EvalResult
+    from quantplan.workers.pipeline import load, loaded_table, materialize
+    from quantplan.workers.tasks import measure_plans
 
     stages = Stages()
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
@@ -202,22 +205,23 @@ def run_job(model: str, data: str, *, calib_windows: int = 64, seq_len: int = 51
                     stages.start(f"re-score {name}: top {eval_top} + recipes on {len(slice_)} windows")
 
             reports.append((name, spec, search_stage(inputs, spec, run, on_trial=on_trial)))
-        stages.start(f"float model on {len(loaded.windows)} test windows")
-        result.base = evaluate(loaded.net, loaded.windows, progress=progress)
         for i, (name, spec, report) in enumerate(reports):
             final, how, path = None, "", out / f"plan-{i}"
             if report.best is not None:
                 plan = report.problem.plan(report.best)
-                stages.start(f"materialize + test {name}")
-                try:
+                stages.start(f"materialize + test {name} on {workers} Ray worker(s)")
+                try:  # the float model's result on the test windows comes from the same pass (the KL needs it)
                     final = materialize(loaded, plan, path, base_result=result.base, overwrite=True,
-                                        progress=progress)[1]
+                                        progress=progress, workers=workers)[1]
                     how = "materialized, real kernels"
+                    result.base = result.base or EvalResult(final.base_perplexity, math.log(final.base_perplexity),
+                                                            final.tokens)
                 except QuantPlanError as e:  # e.g. 2/3-bit layers: no kernel serves them
                     stages.rows[-1]["stage"] = f"simulate + test {name} (cannot materialize)"
                     stderr.print(f"{name}: {e}; evaluated in simulation instead")
-                    final = evaluate_plan(loaded.net, plan, loaded.windows, loaded.calib_tokens,
-                                          base_result=result.base)
+                    base, (final,) = measure_plans(loaded.net, [plan], loaded.windows, loaded.calib_tokens,
+                                                   workers=workers, progress=progress)
+                    result.base = result.base or base
                     how, path = "simulated: no kernel serves it", None
             result.searches.append({"name": name, "spec": spec, "report": report, "final": final, "how": how,
                                     "artifact": path})

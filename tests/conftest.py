@@ -9,13 +9,19 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import torch
 from psycopg import sql
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that wait for work sleep instead of spinning. Read when torch loads its OpenMP runtime, so set
+# before torch is imported; inherited by the Ray workers (which run a task on all of a 2-CPU Ray's threads) and
+# by the runner and server processes the tests start. Spinning threads of a worker, the driver and the other
+# processes on 2 cores made the Ray tasks of the tiny test models 5-10x slower; the results do not change.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after OMP_WAIT_POLICY)
 
 # Tiny models gain nothing from intra-op threads, and on 2 cores shared with Ray workers the OpenMP spinning
 # of a second thread makes small ops 10-20x slower; one thread keeps the suite fast and deterministic.
@@ -83,6 +89,20 @@ def stories_hf(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> P
 
     out = tmp_path_factory.mktemp("stories260K") / "hf"
     return convert_llama2c(stories_dir / "stories260K.bin", stories_dir / "tok512.bin", out)
+
+
+DEMO_STEPS = 30  # training steps of the session's demo model (the loss falls by more than 0.3 within them)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo-model cache holding the demo model trained for DEMO_STEPS steps, built once per session for every
+    test that needs a demo model (workers/test_demo.py tests the build itself)."""
+    from quantplan.workers.demo import build_demo_model
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    build_demo_model(cache, steps=DEMO_STEPS, progress=False)
+    return cache
 
 
 @pytest.fixture(scope="session")

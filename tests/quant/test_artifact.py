@@ -31,6 +31,7 @@ from quantplan.workers.data import calibration_set, eval_windows
 from quantplan.workers.demo import build_demo_model
 from quantplan.workers.evaluate import evaluate
 from quantplan.workers.models import load_model
+from tests.conftest import DEMO_STEPS
 from tests.quant.test_apply import ARCHS, VOCAB
 from tests.quant.test_apply import _model as tiny_model
 
@@ -85,8 +86,8 @@ def stories(stories_hf: Path, stories_dir: Path) -> Case:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Case:
-    built = build_demo_model(tmp_path_factory.mktemp("demo"), steps=20, progress=False)
+def demo(demo_cache: Path) -> Case:
+    built = build_demo_model(demo_cache, steps=DEMO_STEPS, progress=False)  # the session's demo model
     return Case(built.path, built.data_spec, built.calib_spec)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from quantplan.quant.plan import Plan
 from quantplan.service.cli import main
+from tests.conftest import DEMO_STEPS
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -124,10 +126,15 @@ def test_console_script_prints_no_traceback(tmp_path) -> None:
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error:")
 
 
-def test_demo_prints_the_scheme_table(capsys, tmp_path, monkeypatch) -> None:
+def test_demo_prints_the_scheme_table(capsys, tmp_path, monkeypatch, demo_cache: Path) -> None:
     monkeypatch.setenv("QUANTPLAN_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("QUANTPLAN_DATABASE_URL", f"sqlite:///{tmp_path / 'demo.db'}")
-    code, out, _ = run_cli(capsys, "demo", "--steps", "20", "--samples", "4", "--trials", "8", "--json")
+    # the session's demo model, trained once for DEMO_STEPS steps (workers/test_demo.py tests the build), is in the
+    # cache: the command finds it by its recipe (--steps) and trains nothing
+    [built] = demo_cache.iterdir()
+    shutil.copytree(built, tmp_path / "demo" / built.name)
+    monkeypatch.setattr("quantplan.workers.demo._train", lambda *a, **k: pytest.fail("the cached model was retrained"))
+    code, out, _ = run_cli(capsys, "demo", "--steps", str(DEMO_STEPS), "--samples", "4", "--trials", "8", "--json")
     assert code == 0
     result = json.loads(out)
     plans = [row["plan"] for row in result["rows"]]

@@ -10,13 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantplan.workers import demo
+from tests.conftest import DEMO_STEPS
 
-STEPS = 30
+STEPS = DEMO_STEPS
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("demo-cache")
+def cache(demo_cache: Path) -> Path:
+    return demo_cache  # the session's, where build_demo_model(cache, steps=STEPS) built the demo model
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,26 @@ def fix_malloc_mmap_threshold() -> bool:
         return False
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_malloc() -> None:
+    """Give the free pages of glibc's heap back to the system (malloc_trim; nothing off glibc). Blocks below the
+    mmap threshold (the pass's smaller activations and temporaries) come from the heap; after a backward frees
+    them, holes between live blocks stay resident: 0.03-0.13 GB more per window of 512 on SmolLM2-135M without
+    it (docs/BENCHMARKS.md, "Sensitivity memory"). A few milliseconds per batch; not the arithmetic."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 @dataclass(frozen=True)
 class PassMemory:
     """Predicted resident bytes of `sensitivity_pass`: `fixed + tokens_held * per_token`, where `fixed` is the
@@ -148,7 +168,7 @@ class PassMemory:
 def pass_memory(model: nn.Module) -> PassMemory:
     """The memory model of the sensitivity pass on `model` (float32 compute, as the Ray tasks run it)."""
     layers = [linear_shape(m) for m in quantizable_modules(model).values()]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+    storages = {t.untyped_storage().data_ptr() or id(t): t.untyped_storage().nbytes()  # (id: on the meta device)
                 for t in itertools.chain(model.parameters(), model.buffers())}  # tied weights counted once
     vocab = getattr(model.get_output_embeddings(), "out_features", 0) if hasattr(model, "get_output_embeddings") else 0
     features = sum(n + k for n, k in layers)
@@ -404,10 +424,12 @@ def fisher_sums(
     batch_size: int | None = None,
     stats: ActStats | None = None,
     on_windows: Counter | None = None,
+    into: FisherSums | None = None,
 ) -> FisherSums:
     """Forward + backward over `tokens` in micro-batches: Fisher sums of every layer, and with `params` its
     activation costs; with `stats`, every layer input's statistics are added to it on the way (the forward
-    of the Fisher pass is the statistics pass).
+    of the Fisher pass is the statistics pass). With `into`, the sums are added to it in place (and it is
+    returned): one set of Fisher accumulators, where a `merge` of a second set would hold two at once.
 
     `params` is the layers' activation quantization parameters, or a function returning them. A function is
     called once, after every batch of `tokens` has gone forward (so from statistics those forwards have just
@@ -425,7 +447,7 @@ def fisher_sums(
     modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
-    sums, state, deferred = FisherSums(), _State(), callable(params)
+    sums, state, deferred = FisherSums() if into is None else into, _State(), callable(params)
     if params is not None and not deferred:
         state.resolve(params)
     held: list[_Batch] = []
@@ -460,7 +482,8 @@ def _backward(batch: _Batch, sums: FisherSums, act: bool, on_windows: Counter | 
     sums.act_batches += batch.groups if act else 0
     sums.tokens += batch.groups * batch.t_b
     sums.loss_sum += float(batch.loss.detach())
-    batch.loss = None
+    batch.loss = None  # the graph and its saved activations are gone
+    trim_malloc()
     _count(on_windows, batch.sequences)
 
 
@@ -692,10 +715,10 @@ def sensitivity_pass(
     `on_windows(k)` counts sequences as they complete a pass: `pass_windows` of them in all (progress)."""
     batch_size, start, held = _pass_split(model, tokens, micro_batch, act_samples, batch_size, max_memory)
     n = tokens.shape[0]
-    stats, sums, params = ActStats(), FisherSums(), {}
+    stats, sums, params = ActStats(), FisherSums(), {}  # one set of Fisher accumulators for all three steps
     if start:
-        sums = fisher_sums(model, tokens[:start], micro_batch=micro_batch, batch_size=batch_size, stats=stats,
-                           on_windows=on_windows)
+        fisher_sums(model, tokens[:start], micro_batch=micro_batch, batch_size=batch_size, stats=stats,
+                    on_windows=on_windows, into=sums)
     if held < n:  # the act set is longer than the batches held at once: the rest's statistics first
         stats.merge(collect_act_stats(model, tokens[held:], batch_size=batch_size, on_windows=on_windows))
 
@@ -703,11 +726,11 @@ def sensitivity_pass(
         params.update(layer_act_params(model, stats))
         return params
 
-    sums.merge(fisher_sums(model, tokens[start:held], complete_params, micro_batch=micro_batch,
-                           batch_size=batch_size, stats=stats, on_windows=on_windows))
+    fisher_sums(model, tokens[start:held], complete_params, micro_batch=micro_batch, batch_size=batch_size,
+                stats=stats, on_windows=on_windows, into=sums)
     if held < n:
-        sums.merge(fisher_sums(model, tokens[held:], params, micro_batch=micro_batch, batch_size=batch_size,
-                               on_windows=on_windows))
+        fisher_sums(model, tokens[held:], params, micro_batch=micro_batch, batch_size=batch_size,
+                    on_windows=on_windows, into=sums)
     return stats, sums
 
 

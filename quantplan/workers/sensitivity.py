@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantplan.quant.act_handlers import act_handler
-from quantplan.quant.apply import quantizable_modules, trace_feeders
+from quantplan.quant.apply import model_trunk, quantizable_modules, trace_feeders
 from quantplan.quant.modules import linear_layout, linear_shape
 from quantplan.quant.quantizers import (  # round_scale: the stored fp16 scale, as quantize_weight rounds it
     fake_quantize_weight,
@@ -256,7 +256,7 @@ def collect_act_stats(model: nn.Module, tokens: torch.Tensor, *, batch_size: int
     batch_size = _batch_size(model, tokens, batch_size)
     names = list(quantizable_modules(model))
     modules = dict(model.named_modules())
-    trunk = _trunk(model, names)
+    trunk = model_trunk(model, names)
     stats, seen = ActStats(), {}
     with trace_feeders(model, names) as feeders:
         hooks = [modules[n].register_forward_pre_hook(lambda _m, a, n=n: _observe(stats, n, a[0], seen))
@@ -272,15 +272,6 @@ def collect_act_stats(model: nn.Module, tokens: torch.Tensor, *, batch_size: int
                 h.remove()
     stats.feeders = dict(feeders)
     return stats
-
-
-def _trunk(model: nn.Module, names: list[str]) -> nn.Module:
-    """The base model (a transformers model's decoder without its head) when it holds every layer in `names`."""
-    prefix = getattr(model, "base_model_prefix", "")
-    trunk = getattr(model, prefix, None) if prefix else None
-    if isinstance(trunk, nn.Module) and all(n.startswith(f"{prefix}.") for n in names):
-        return trunk
-    return model
 
 
 def percentile_from_hist(hist: torch.Tensor, q: float) -> float:

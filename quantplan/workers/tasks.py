@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from functools import reduce
 from typing import Any
 
 import ray
@@ -214,9 +213,8 @@ def compute_sensitivity(
         chunks = _layer_chunks(model, sums, 2 * workers)
         costs: dict[str, dict[str, WeightCost]] = {}
         count = track.count("weight costs")
-        for part in track("weight costs", [_weight_task.options(**opts).remote(c, threads, count) for c in chunks],
-                          sum(map(len, chunks)), "layers"):
-            costs |= part
+        track("weight costs", [_weight_task.options(**opts).remote(c, threads, count) for c in chunks],
+              sum(map(len, chunks)), "layers", on_result=costs.update)
     model_info = meta.pop("model_info", {})
     return build_table(model, stats, sums, costs, model=model_info, **meta)
 
@@ -237,18 +235,20 @@ def _parallel_pass(
     head = _shards(tokens[:start], micro_batch, 2 * workers) if start else []
     count = track.count(PASS_STEP)
     step = track.step(PASS_STEP, start + 2 * (tokens.shape[0] - start))
-    first = track(step, [
+    stats, sums = ActStats(), FisherSums()
+
+    def add(part: tuple[ActStats, FisherSums]) -> None:  # reduced as they arrive: one partial set held at a time
+        stats.merge(part[0])
+        sums.merge(part[1])
+
+    track(step, [
         *(_fisher_task.options(**opts).remote(model_ref, s, None, micro_batch, batch_size, threads, count)
           for s in head),
         *(_stats_task.options(**opts).remote(model_ref, s, batch_size, threads, count)
-          for s in _shards(tokens[start:], micro_batch, 2 * workers))], end=False)
-    stats = reduce(ActStats.merge, (s for s, _ in first))
-    sums = reduce(FisherSums.merge, (f for _, f in first))
+          for s in _shards(tokens[start:], micro_batch, 2 * workers))], end=False, on_result=add)
     params = layer_act_params(model, stats)
-    for _, part in track(step, [
-            _fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, batch_size, threads, count)
-            for s in _shards(tokens[start:], micro_batch, 2 * workers)]):
-        sums.merge(part)
+    track(step, [_fisher_task.options(**opts).remote(model_ref, s, params, micro_batch, batch_size, threads, count)
+                 for s in _shards(tokens[start:], micro_batch, 2 * workers)], on_result=add)
     return stats, sums
 
 
@@ -287,16 +287,22 @@ class _Track:
         return self.progress.step(name, total, unit)
 
     def __call__(self, step: str | Step, refs: list, total: int | None = None, unit: str = "windows", *,
-                 end: bool = True) -> list:
+                 end: bool = True, on_result: Callable[[Any], None] | None = None) -> list:
+        """`on_result(result)`: the results in the order of `refs` as soon as each and those before it have
+        arrived, instead of all at the end: a reduction holds only the results that came early, and sums in the
+        same order on every run (float sums depend on the order)."""
         counted = not (isinstance(step, str) and total is None)  # else: tasks done are the units
         if isinstance(step, str):
             step = self.step(step, len(refs), "tasks") if total is None else self.step(step, total, unit)
-        order, pending, done = {r: i for i, r in enumerate(refs)}, list(refs), {}
+        order, pending, done, handed = {r: i for i, r in enumerate(refs)}, list(refs), {}, 0
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
                 for ref in ready:
                     done[order[ref]] = _get(ref, step.name)
+                while on_result is not None and handed in done:  # the next in order has arrived
+                    on_result(done[handed])
+                    done[handed], handed = None, handed + 1
                 if not counted:
                     step.update(len(done))
                 elif self.tally is not None:
@@ -308,7 +314,7 @@ class _Track:
             raise
         if end:
             step.finish()  # the last counts may still be on their way to the tally
-        return [done[i] for i in range(len(refs))]
+        return [] if on_result is not None else [done[i] for i in range(len(refs))]
 
     def close(self) -> None:
         if self.tally is not None:
@@ -386,12 +392,23 @@ def calibration_stats(model: nn.Module, tokens: torch.Tensor, *, workers: int = 
     `apply_plan(stats=...)` reads for every plan of this model (static scales and equalization)."""
     init_ray(address)
     with _tracking(progress) as track:
-        return _track_calibration(track, ray.put(model.eval()), tokens, _threads(workers))
+        return _track_calibration(track, ray.put(model.eval()), tokens, workers)
 
 
-def _track_calibration(track: _Track, model_ref: Any, tokens: torch.Tensor, threads: int) -> CalibrationStats:
-    task = _calibration_task.options(num_cpus=threads).remote(model_ref, tokens, threads, track.count(CALIB_STEP))
-    return track(CALIB_STEP, [task], tokens.shape[0])[0]
+def _track_calibration(track: _Track, model_ref: Any, tokens: torch.Tensor, workers: int) -> CalibrationStats:
+    """The statistics on shards of `tokens`, one task per worker, merged (max|X| per channel is a max)."""
+    threads, count = _threads(workers), track.count(CALIB_STEP)
+    shards = tokens.split(-(-tokens.shape[0] // min(tokens.shape[0], max(1, workers))))
+    stats = CalibrationStats({}, {})
+
+    def merge(part: CalibrationStats) -> None:
+        for name, m in part.absmax.items():
+            stats.absmax[name] = torch.maximum(stats.absmax[name], m) if name in stats.absmax else m.clone()
+        stats.feeders.update(part.feeders)
+
+    track(CALIB_STEP, [_calibration_task.options(num_cpus=threads).remote(model_ref, shard, threads, count)
+                       for shard in shards], tokens.shape[0], on_result=merge)
+    return stats
 
 
 def plan_group_size(model: nn.Module, workers: int = 1) -> int:
@@ -429,7 +446,7 @@ def measure_plans(
     model_ref = ray.put(model.eval())
     with _tracking(progress) as track:
         if stats is None and calib_tokens is not None and any(needs_calibration(model, p) for p in plans):
-            stats = _track_calibration(track, model_ref, calib_tokens, threads)
+            stats = _track_calibration(track, model_ref, calib_tokens, workers)
         size = plan_group_size(model, workers)
         groups = [list(plans[i : i + size]) for i in range(0, len(plans), size)]
         shards = list(windows.split(-(-len(windows) // min(len(windows), max(1, -(-workers // len(groups)))))))

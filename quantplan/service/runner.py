@@ -372,12 +372,13 @@ def _scratch() -> Iterator[Path]:
 
 class _JobProgress:
     """The runner's progress listener: stores the latest event of a step with the job (at most every
-    PROGRESS_WRITE_S seconds, and a step's first and last event always) with the job's overall progress, and
-    honours a cancel request (or a lost job) at every event."""
+    PROGRESS_WRITE_S seconds; a step's first event, its first with a unit done and its last always) with the
+    job's overall progress, and honours a cancel request (or a lost job) at every event."""
 
     def __init__(self, run: JobRun) -> None:
         self.run = run
         self.written: dict[tuple[str, str], float] = {}  # (stage, step) -> when its event was last written
+        self.moved: set[tuple[str, str]] = set()  # steps whose first counted unit was written
         self.overall = 0.0
 
     def __call__(self, event: ProgressEvent) -> None:
@@ -385,9 +386,12 @@ class _JobProgress:
         run.beat.check()
         key, now = (event.stage, event.step), time.monotonic()
         last = self.written.get(key)
-        if last is not None and not event.finished and now - last < PROGRESS_WRITE_S:
+        first_unit = event.done > 0 and key not in self.moved  # the step has started moving: say so at once
+        if last is not None and not event.finished and not first_unit and now - last < PROGRESS_WRITE_S:
             return
         self.written[key] = now
+        if event.done > 0:
+            self.moved.add(key)
         self.overall = max(self.overall, _overall(event))
         try:
             record = run.repo.update_job(run.job.id, run.runner.id, progress=self.overall, step=event.to_dict())

@@ -67,17 +67,19 @@ def time_ms(fn: Callable[[], object], device: str, reps: int) -> float:
     return statistics.median(times)
 
 
-def layers(k: int, n: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, QuantLinear]]:
+def layers(k: int, n: int, device: str, dtype: torch.dtype,
+           schemes: tuple[str, ...] = SCHEMES) -> tuple[torch.Tensor, dict[str, QuantLinear]]:
     gen = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=gen) / k**0.5
-    built = {s: QuantLinear.from_float(w, None, LayerSpec(LayerScheme.parse(s))).to(device) for s in SCHEMES}
+    built = {s: QuantLinear.from_float(w, None, LayerSpec(LayerScheme.parse(s))).to(device) for s in schemes}
     return w.to(device, dtype), built
 
 
 @torch.inference_mode()
-def bench_shape(k: int, n: int, ms: tuple[int, ...], device: str, reps: int, bandwidth_gbs: float) -> list[Row]:
+def bench_shape(k: int, n: int, ms: tuple[int, ...], device: str, reps: int, bandwidth_gbs: float,
+                schemes: tuple[str, ...] = SCHEMES) -> list[Row]:
     dtype = torch.float16 if device == "cuda" else torch.float32
-    w, built = layers(k, n, device, dtype)
+    w, built = layers(k, n, device, dtype, schemes)
     rows = []
     for m in ms:
         x = torch.randn(m, k, device=device, dtype=dtype)
@@ -87,7 +89,7 @@ def bench_shape(k: int, n: int, ms: tuple[int, ...], device: str, reps: int, ban
         for scheme, layer in built.items():
             t = time_ms(partial(layer, x), device, reps)
             chunk.append(Row(device, k, n, m, scheme, t, base, layer.packed.nbytes))
-        if device == "cuda":  # the W4A8 GEMM alone, activations already quantized
+        if device == "cuda" and SCHEMES[0] in built:  # the W4A8 GEMM alone, activations already quantized
             pw = built[SCHEMES[0]].packed
             x_q, x_scale = quantize_activations(x, ActScheme.DYNAMIC)
             t = time_ms(partial(w4a8_triton, x_q, x_scale, pw, None, torch.float16), device, reps)
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="peak memory bandwidth for the roofline")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="layer schemes (default: %(default)s)")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.threads:
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"{torch.cuda.get_device_name() if device == 'cuda' else ''}".rstrip())
     print_header(device)
-    rows = [r for k, n in args.shapes for r in bench_shape(k, n, ms, device, args.reps, args.bandwidth_gbs)]
+    rows = [r for k, n in args.shapes
+            for r in bench_shape(k, n, ms, device, args.reps, args.bandwidth_gbs, tuple(args.schemes))]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([{**asdict(r), "speedup": r.speedup} for r in rows], f, indent=1)

@@ -130,6 +130,7 @@ def check_supported(scheme: WeightScheme) -> None:
 
 
 # -- torch reference (also the CPU path) ----------------------------------------------------------------
+DEQUANT_ROWS_PER_GROUP_WIDTH = 8  # w4a8_cpu: grouped weights take the float GEMM from 8 x g rows on
 def prepare(pw: PackedWeight) -> torch.Tensor:
     """The torch path's weight: int8 (code - zero), [N, K_pad] per-channel or group-major [G, N, g]."""
     w = centered_int8(pw)
@@ -164,13 +165,30 @@ def w4a8_cpu(
     *,
     prepared: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The CPU path: Y as `w4a8_ref` computes it, at the speed of one float GEMM.
+    """The CPU path: `w4a8_dequant` for grouped weights from DEQUANT_ROWS_PER_GROUP_WIDTH x g rows on (prefill,
+    evaluation batches), else `w4a8_ref` (decoding, and per-channel weights: one int8 GEMM over K is fast).
 
-    The weights (`prepare(pw)`: int8 codes minus zero) are dequantized to float32 per call, their group scales
-    folded in, and the int8 activations go through one dense float32 GEMM. `w4a8_ref` instead runs one small
-    integer GEMM per group and row block (design B's per-group accumulation): G times the output traffic, which
-    made a g32 layer several times slower than the float layer it replaces. The two differ by float rounding
-    only (the products and sums are the same numbers, added in another order: about 1e-7 relative)."""
+    `w4a8_ref` runs one small integer GEMM per group and 64-row block (G times the output traffic of one GEMM);
+    `w4a8_dequant` dequantizes the whole weight once per call and runs one float GEMM. Measured with one thread
+    (docs/BENCHMARKS.md, "CPU (torch path)"): at g32 the float GEMM is 2-3x faster from 256 rows on; at g128 the
+    two cross near 1,000-1,500 rows (4096 x 4096), below which the dequantization dominates."""
+    if pw.per_channel or x_q.shape[0] < DEQUANT_ROWS_PER_GROUP_WIDTH * pw.group_size:
+        return w4a8_ref(x_q, x_scale, pw, bias, out_dtype, prepared=prepared)
+    return w4a8_dequant(x_q, x_scale, pw, bias, out_dtype, prepared=prepared)
+
+
+def w4a8_dequant(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    pw: PackedWeight,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    prepared: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Y as `w4a8_ref` computes it, by one float32 GEMM: the weights (`prepare(pw)`: int8 codes minus zero)
+    dequantized per call with their group scales folded in, times the int8 activations. It differs from the
+    reference by float rounding only (the same products and sums, added in another order: ~1e-7 relative)."""
     check_supported(pw.scheme)
     x_scale, bias = check_a8_inputs(x_q, x_scale, pw, bias, out_dtype)
     w = prepare(pw) if prepared is None else prepared

@@ -7,7 +7,18 @@ import torch
 
 from quantplan.quant.kernels.act_quant import quantize_act_ref
 from quantplan.quant.kernels.runtime import UnsupportedSchemeError
-from quantplan.quant.kernels.w4a8 import CONFIGS, KEYS, _w4a8_kernel, prepare, prune, w4a8_cpu, w4a8_ref, w4a8_triton
+from quantplan.quant.kernels.w4a8 import (
+    CONFIGS,
+    DEQUANT_ROWS_PER_GROUP_WIDTH,
+    KEYS,
+    _w4a8_kernel,
+    prepare,
+    prune,
+    w4a8_cpu,
+    w4a8_dequant,
+    w4a8_ref,
+    w4a8_triton,
+)
 from tests.quant.kernels.reference import FP16_TOL, TOL, make_weight, poisoned, ref_a8, rel_err, seeded
 
 N, K = 72, 200  # N spans a partial BLOCK_N tile; K is no multiple of any group, so the last group is padded
@@ -49,19 +60,31 @@ def test_other_widths(backend: str, scheme: str) -> None:
 
 @pytest.mark.parametrize("scheme", ["w4g32", "w4g64a", "w4g128a", "w4", "w4a", "w8g32", "w2g64a"])
 @pytest.mark.parametrize("per_token", [True, False])
-def test_cpu_path_matches_the_reference(scheme: str, per_token: bool) -> None:
-    """The served CPU path (one float GEMM on dequantized weights) gives the reference's numbers to float
-    rounding, against float64 too, with the prepared weight or without."""
+def test_dequantized_float_gemm_matches_the_reference(scheme: str, per_token: bool) -> None:
+    """The CPU path's float GEMM on dequantized weights gives the reference's numbers to float rounding,
+    against float64 too, with the prepared weight or without."""
     gen = seeded("cpu", scheme, per_token)
     qw, pw = make_weight(N, K, scheme, gen)
     bias = torch.randn(N, generator=gen)
     x_q, x_scale = activations(150, K, gen, per_token)
-    y = w4a8_cpu(x_q, x_scale, pw, bias)
+    y = w4a8_dequant(x_q, x_scale, pw, bias)
     assert rel_err(y, w4a8_ref(x_q, x_scale, pw, bias).double()) <= 1e-6
     assert rel_err(y, ref_a8(x_q, x_scale, qw, bias)) <= TOL
-    assert torch.equal(w4a8_cpu(x_q, x_scale, pw, bias, prepared=prepare(pw)), y)
-    half = w4a8_cpu(x_q, x_scale, pw, bias.half(), torch.float16)
+    assert torch.equal(w4a8_dequant(x_q, x_scale, pw, bias, prepared=prepare(pw)), y)
+    half = w4a8_dequant(x_q, x_scale, pw, bias.half(), torch.float16)
     assert half.dtype == torch.float16 and rel_err(half, ref_a8(x_q, x_scale, qw, bias)) <= FP16_TOL
+
+
+@pytest.mark.parametrize(("scheme", "rows", "dequantized"), [
+    ("w4g32", 8 * 32, True), ("w4g32", 8 * 32 - 1, False), ("w4g128a", 8 * 128, True), ("w4", 2000, False)])
+def test_cpu_path_picks_the_float_gemm_for_many_rows_of_grouped_weights(scheme: str, rows: int,
+                                                                        dequantized: bool) -> None:
+    gen = seeded("pick", scheme, rows)
+    _, pw = make_weight(N, K, scheme, gen)
+    x_q, x_scale = activations(rows, K, gen, per_token=True)
+    assert rows >= DEQUANT_ROWS_PER_GROUP_WIDTH * pw.group_size or not dequantized
+    want = (w4a8_dequant if dequantized else w4a8_ref)(x_q, x_scale, pw)
+    assert torch.equal(w4a8_cpu(x_q, x_scale, pw), want)
 
 
 def test_fp16_output(backend: str) -> None:

@@ -159,5 +159,8 @@ def test_models_evaluated_on_sharded_windows_equal_one_pass(ray_local, stories_h
     base, (result,) = evaluate_models(model, [quantized], windows, workers=2, progress=Progress(events.append))
     want_base, (want,) = evaluate_many(model, [quantized], windows)
     assert base.nll == pytest.approx(want_base.nll, rel=1e-9) and result.tokens == want.tokens == 5 * 63
-    assert result.nll == pytest.approx(want.nll, rel=1e-9) and result.kl == pytest.approx(want.kl, rel=1e-9)
+    # the quantized model's W4A8 CPU path depends on the rows per call (the integer reference below 8 x g rows,
+    # the float GEMM on dequantized weights above): the shards (192 and 128 rows) and the single batch (320 rows)
+    # take different paths, equal to float rounding
+    assert result.nll == pytest.approx(want.nll, rel=1e-6) and result.kl == pytest.approx(want.kl, rel=1e-4)
     assert result.kl > 0 and events[-1].done == events[-1].total == 5

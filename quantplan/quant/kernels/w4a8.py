@@ -147,11 +147,7 @@ def w4a8_ref(
     prepared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [M, N] in `out_dtype`; `prepared` may pass `prepare(pw)` computed once (QuantLinear keeps it)."""
-    check_supported(pw.scheme)
-    x_scale, bias = check_a8_inputs(x_q, x_scale, pw, bias, out_dtype)
-    w = prepare(pw) if prepared is None else prepared
-    x = F.pad(x_q, (0, pw.k_pad - pw.in_features))  # [M, K_pad]
-    scales = pw.scales.float()  # [G, N]
+    x, x_scale, w, scales, bias = _operands(x_q, x_scale, pw, bias, out_dtype, prepared)
     acc = int_matmul(x, w).float() * scales[0] if pw.per_channel else grouped_dot(x, w, scales)
     return epilogue(acc, x_scale, bias, out_dtype)
 
@@ -189,16 +185,22 @@ def w4a8_dequant(
     """Y as `w4a8_ref` computes it, by one float32 GEMM: the weights (`prepare(pw)`: int8 codes minus zero)
     dequantized per call with their group scales folded in, times the int8 activations. It differs from the
     reference by float rounding only (the same products and sums, added in another order: ~1e-7 relative)."""
-    check_supported(pw.scheme)
-    x_scale, bias = check_a8_inputs(x_q, x_scale, pw, bias, out_dtype)
-    w = prepare(pw) if prepared is None else prepared
-    scales = pw.scales.float()  # [G, N]
+    x, x_scale, w, scales, bias = _operands(x_q, x_scale, pw, bias, out_dtype, prepared)
     if pw.per_channel:
         weight = w.float() * scales[0][:, None]  # [N, K_pad]
     else:  # [G, N, g] -> [N, G * g]
         weight = (w.float() * scales[:, :, None]).transpose(0, 1).reshape(pw.out_features, -1)
-    x = F.pad(x_q, (0, pw.k_pad - pw.in_features)).float()
-    return epilogue(x @ weight.t(), x_scale, bias, out_dtype)
+    return epilogue(x.float() @ weight.t(), x_scale, bias, out_dtype)
+
+
+def _operands(x_q: torch.Tensor, x_scale: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None,
+              out_dtype: torch.dtype, prepared: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The torch paths' checked inputs: (x_q padded to K_pad, x_scale, prepared weight, scales [G, N] float32,
+    bias)."""
+    check_supported(pw.scheme)
+    x_scale, bias = check_a8_inputs(x_q, x_scale, pw, bias, out_dtype)
+    w = prepare(pw) if prepared is None else prepared
+    return F.pad(x_q, (0, pw.k_pad - pw.in_features)), x_scale, w, pw.scales.float(), bias
 
 
 # -- Triton -----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -154,9 +155,15 @@ class ExportFormat:
     name: str
     write: Callable[[ExportJob, Path], None]
     description: str = ""
+    # How a quantized layer is built for this format (apply_plan's module_factory; QuantLinear.from_float when
+    # None), and the check run before any work (check_materializable when None): both see what `export` sees.
+    module_factory: Callable[..., nn.Module] | None = None
+    check: Callable[..., Mapping[str, LayerSpec]] | None = None
 
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {}
+# Formats shipped in their own module, registered when that module is imported (on first use by name).
+BUILTIN_FORMAT_MODULES = {"compressed-tensors": "quantplan.quant.export_ct"}
 
 
 def register_export_format(fmt: ExportFormat) -> ExportFormat:
@@ -173,9 +180,12 @@ def unregister_export_format(name: str) -> None:
 
 
 def export_format(name: str) -> ExportFormat:
+    if name not in EXPORT_FORMATS and name in BUILTIN_FORMAT_MODULES:
+        importlib.import_module(BUILTIN_FORMAT_MODULES[name])
     fmt = EXPORT_FORMATS.get(name)
     if fmt is None:
-        raise ArtifactError(f"unknown export format {name!r}; use one of {', '.join(EXPORT_FORMATS)}")
+        names = dict.fromkeys([*EXPORT_FORMATS, *BUILTIN_FORMAT_MODULES])
+        raise ArtifactError(f"unknown export format {name!r}; use one of {', '.join(names)}")
     return fmt
 
 
@@ -192,23 +202,27 @@ def export(
     measure: Measure | None = None,
     resolved: Mapping[str, LayerSpec] | None = None,
     progress: bool | Progress = False,
+    tokenizer: Any = None,
 ) -> Path:
     """Calibrate, quantize and pack `plan` on a copy of `model` (left untouched), then write it in `format` into
-    `out_dir` (staged in a temporary sibling directory and renamed). Arguments as `materialize`'s."""
+    `out_dir` (staged in a temporary sibling directory and renamed). Arguments as `materialize`'s; `tokenizer`: for
+    formats that write a complete model directory (compressed-tensors; else loaded from the model's name)."""
     fmt = export_format(format)
     out = Path(out_dir)
     check_destination(out, overwrite)  # before the expensive part; staging_dir checks again
     resolved = resolve_plan(model, plan) if resolved is None else resolved
-    check_materializable(model, plan, resolved)
+    (fmt.check or check_materializable)(model, plan, resolved)
     fingerprint = model_fingerprint(model)
     if plan.model.fingerprint and plan.model.fingerprint != fingerprint:
         log.warning("the plan was made for model fingerprint %.12s, this model's is %.12s", plan.model.fingerprint,
                     fingerprint)
     work = copy.deepcopy(model)
-    report = apply_plan(work, plan, calibration, batch_size=batch_size, module_factory=QuantLinear.from_float,
-                        resolved=resolved, progress=progress)
+    report = apply_plan(work, plan, calibration, batch_size=batch_size,
+                        module_factory=fmt.module_factory or QuantLinear.from_float, resolved=resolved,
+                        progress=progress)
     base_model = {**_default_identity(model, plan), **(model_info or {}), "fingerprint": fingerprint}
-    job = ExportJob(model, work, plan, report, base_model, calibration, measure)
+    job = ExportJob(model, work, plan, report, base_model, calibration, measure,
+                    meta={} if tokenizer is None else {"tokenizer": tokenizer})
     del work
     with staging_dir(out, overwrite) as tmp:
         fmt.write(job, tmp)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +20,10 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | float16 | bflo
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:<index>")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact directory.")]
 BackendOpt = Annotated[str, typer.Option("--backend", help="auto (Triton on CUDA, torch on CPU) | triton | torch")]
+FormatOpt = Annotated[str, typer.Option("--format", help="quantplan (the packed artifact, for `quantplan apply`) | "
+                                        "compressed-tensors (a Hugging Face checkpoint that vLLM serves)")]
+BaseModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="With --format compressed-tensors: the base "
+                                                  "model (default: the one the artifact names).")]
 
 ARTIFACT_COLUMNS = ("artifact", "plan", "layers", "avg_bits", "bytes", "perplexity", "kl")
 ARTIFACT_FORMATS = {"avg_bits": ".3f", "bytes": ",d", "perplexity": ".3f", "kl": ".4f"}
@@ -44,19 +50,27 @@ def materialize_command(
     device: DeviceOpt = "cpu",
     seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
     overwrite: OverwriteOpt = False,
+    format: FormatOpt = "quantplan",  # noqa: A002 - the option's name
     json_out: JsonOpt = False,
 ) -> None:
-    """Calibrate, quantize and pack a plan into an artifact directory; measure it on --data (test split)."""
-    from quantplan.quant.artifact import check_materializable
+    """Calibrate, quantize and pack a plan into an artifact directory; measure it on --data (test split).
+    With --format compressed-tensors: a Hugging Face checkpoint for vLLM instead (not measured)."""
+    from quantplan.quant.artifact import export, export_format
     from quantplan.quant.plan import Plan
     from quantplan.workers.evaluate import evaluate
     from quantplan.workers.pipeline import LoadSpec, load, materialize
 
     the_plan = Plan.load(plan)
+    check = export_format(format).check or _check_materializable
     spec = LoadSpec(model=model, data=data, dtype=dtype, device=device, seq_len=seq_len, max_seq_len=2048,
                     calib_data=calib_data, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                    calib_max_seq_len=512, seed=seed, windows=True, eval_samples=samples)
-    loaded = load(spec, plan=the_plan, check=lambda net: check_materializable(net, the_plan))  # before data work
+                    calib_max_seq_len=512, seed=seed, windows=format == "quantplan", eval_samples=samples)
+    loaded = load(spec, plan=the_plan, check=lambda net: check(net, the_plan))  # before data work
+    if format != "quantplan":
+        path = export(loaded.net, the_plan, loaded.calibration, out, format=format, overwrite=overwrite,
+                      batch_size=batch_size, tokenizer=loaded.tokenizer, progress=True)
+        print_written({"out": str(path), "format": format, "model": model}, json_out)
+        return
     assert loaded.windows is not None
     base = evaluate(loaded.net, loaded.windows, batch_size=batch_size, progress=True)
     info, _ = materialize(loaded, the_plan, out, base_result=base, overwrite=overwrite, batch_size=batch_size,
@@ -107,6 +121,44 @@ def apply_command(
     stdout.print(table_view(title, ARTIFACT_COLUMNS, [row], ARTIFACT_FORMATS))
     if out is not None:
         stderr.print(f"wrote {out}: load it with `quantplan apply {out} --model {out}`")
+
+
+def _check_materializable(net: Any, plan: Any) -> Any:
+    from quantplan.quant.artifact import check_materializable
+
+    return check_materializable(net, plan)
+
+
+def print_written(result: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        print_json(result)
+    else:
+        stderr.print(f"wrote {result['out']} ({result['format']}); serve it with: vllm serve {result['out']}",
+                     highlight=False, soft_wrap=True)
+
+
+def write_in_format(fetch: Callable[[Path], Any], out: Path, format: str, *,  # noqa: A002
+                    model: str | None = None, overwrite: bool = False) -> Path:
+    """`fetch(dir)` writes a packed artifact into `dir`; for another format the artifact goes to a temporary
+    directory and is converted into `out` from its base model (`model`, default the one its manifest names)."""
+    from quantplan.quant.artifact import ARTIFACT_FORMAT_NAME, export_format, read_manifest
+    from quantplan.quant.atomic import check_destination
+    from quantplan.quant.export_ct import FORMAT_NAME, export_artifact
+    from quantplan.workers.models import load_model
+
+    export_format(format)  # an unknown format fails before any work
+    if format == ARTIFACT_FORMAT_NAME:
+        fetch(out)
+        return out
+    assert format == FORMAT_NAME, "one conversion so far"
+    out = Path(out)
+    check_destination(out, overwrite)
+    with tempfile.TemporaryDirectory(prefix="quantplan-convert-") as work:
+        artifact = Path(work) / "artifact"
+        fetch(artifact)
+        base = read_manifest(artifact).manifest["base_model"]
+        net, tokenizer = load_model(model or base["name"], dtype=base.get("dtype") or "float32")
+        return export_artifact(net, artifact, out, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def _summary(info: Any) -> dict[str, Any]:

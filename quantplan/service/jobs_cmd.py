@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from quantplan.errors import QuantPlanError
+from quantplan.service.artifact_cmd import BaseModelOpt, FormatOpt, print_written, write_in_format
 from quantplan.service.console import print_json, stderr, stdout
 from quantplan.service.console import table as table_view
 from quantplan.service.jobs import DEFAULTS, JobSpec, SpecError
@@ -276,21 +277,25 @@ def export_command(
     overwrite: Annotated[bool, _Opt("--overwrite", help="Replace an existing directory.")] = False,
     db: DbOpt = None,
     artifacts: ArtifactsOpt = None,
+    format: FormatOpt = "quantplan",  # noqa: A002 - the option's name
+    model_path: BaseModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a plan's materialized artifact to a directory (sha256 verified), ready for `quantplan apply`."""
+    """Write a plan's materialized artifact to a directory (sha256 verified), ready for `quantplan apply`; with
+    --format compressed-tensors, converted into a Hugging Face checkpoint that vLLM serves."""
     repo, store = open_storage(db, artifacts)
     plan = repo.get_plan(plan_id)
     packed = next((a for a in plan.artifacts if a.kind == "packed"), None)
     if packed is None:
         raise QuantPlanError(f"plan {plan_id} was not materialized; write its plan with `quantplan show {plan_id} "
                              "--plan-json plan.json` and run `quantplan materialize --plan plan.json ...`")
-    path = extract_artifact(store, packed.sha256, out, overwrite=overwrite)
     model = repo.get_model(plan.model_id)
+    path = write_in_format(lambda d: extract_artifact(store, packed.sha256, d, overwrite=overwrite), out, format,
+                           model=model_path or model.name, overwrite=overwrite)
     result = {"plan_id": plan_id, "out": str(path), "sha256": packed.sha256, "bytes": packed.bytes,
-              "model": model.name}
-    if json_out:
-        print_json(result)
+              "model": model.name, "format": format}
+    if json_out or format != "quantplan":
+        print_written(result, json_out)
         return
     stderr.print(f"wrote {path} (sha256 {packed.sha256[:12]}, verified); apply it with: "
                  f"quantplan apply {path} --model {model.name}", highlight=False, soft_wrap=True)

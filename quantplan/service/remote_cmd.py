@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from quantplan.errors import QuantPlanError
+from quantplan.service.artifact_cmd import BaseModelOpt, FormatOpt, print_written, write_in_format
 from quantplan.service.console import print_json, stderr, stdout
 from quantplan.service.console import table as table_view
 from quantplan.service.jobs_cmd import (
@@ -183,14 +184,20 @@ def download_command(
     server: ServerOpt = None,
     token: TokenOpt = None,
     overwrite: Annotated[bool, _Opt("--overwrite", help="Replace an existing directory.")] = False,
+    format: FormatOpt = "quantplan",  # noqa: A002 - the option's name
+    model_path: BaseModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Download a plan's materialized artifact (sha256 verified), ready for `quantplan apply DIR --model M`."""
+    """Download a plan's materialized artifact (sha256 verified), ready for `quantplan apply DIR --model M`; with
+    --format compressed-tensors, converted here (from the base model) into a checkpoint that vLLM serves."""
     with _client(server, token) as client:
         model = (client.plan(plan_id)["plan"].get("model") or {}).get("name") or "<base model>"
-        result = client.download(plan_id, out, overwrite=overwrite)
-    if json_out:
-        print_json({**result, "model": model})
+        got: dict[str, Any] = {}
+        write_in_format(lambda d: got.update(client.download(plan_id, d, overwrite=overwrite)), out, format,
+                        model=model_path, overwrite=overwrite)
+        result = {**got, "out": str(out), "format": format}
+    if json_out or format != "quantplan":
+        print_written({**result, "model": model}, json_out)
         return
     stderr.print(f"wrote {result['out']} ({result['bytes']:,} bytes, sha256 {result['sha256'][:12]} verified); "
                  f"apply it with: quantplan apply {result['out']} --model {model}", highlight=False, soft_wrap=True)

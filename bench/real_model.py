@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import tempfile
 import threading
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REFERENCE = "reference (not the job's)"
 Q4_1_NOTE = ("SmolLM2's GGUF weights lie on a Q4_1 grid (4-bit, asymmetric, blocks of 32): asymmetric w4g32 "
              "reproduces them almost exactly, so near-lossless W4 is a property of this checkpoint, not of the search.")
 
@@ -166,14 +166,17 @@ def run_job(model: str, data: str, *, calib_windows: int = 64, seq_len: int = 51
             eval_top: int = 3, rescore_windows: int = 32, test_windows: int | None = None,
             budgets: tuple[tuple[float, int], ...] = ((4.25, 8), (4.5, 8), (3.5, 16)), workers: int = 2,
             out: Path | None = None, table_cache: bool = False, progress: bool = True, seed: int = 0,
-            baselines: bool = True) -> JobResult:
-    """The whole job through the pipeline's functions; artifacts under `out` (default: a temporary directory)."""
+            baselines: bool = True, kl_windows: int | None = 32, reference_cache: bool = False) -> JobResult:
+    """The whole job through the pipeline's functions; artifacts under `out` (default: a temporary directory).
+
+    The unquantized model's perplexity on the test windows is a property of the model (`reference_result`,
+    cached per model and windows with `reference_cache`); it is measured in its own stage, before the job's, and
+    the final plans' KL covers the last `kl_windows` test windows (None: all of them)."""
     from quantplan.errors import QuantPlanError
     from quantplan.service.console import stderr
     from quantplan.service.jobs import JobSpec
     from quantplan.service.pipeline import RunOptions, SearchInputs, load_spec, search_stage
-    from quantplan.workers.evaluate import EvalResult
-    from quantplan.workers.pipeline import load, loaded_table, materialize
+    from quantplan.workers.pipeline import load, loaded_table, materialize, reference_result
     from quantplan.workers.tasks import measure_plans
 
     stages = Stages()
@@ -188,10 +191,14 @@ def run_job(model: str, data: str, *, calib_windows: int = 64, seq_len: int = 51
         if cached:
             stages.rows[-1]["stage"] += " (cached)"
         assert loaded.windows is not None
+        stages.start(f"{REFERENCE}: the unquantized model on {len(loaded.windows)} test windows")
+        base, cached = reference_result(loaded, workers=workers, progress=progress, cache=reference_cache)
+        if cached:
+            stages.rows[-1]["stage"] += " (cached)"
         slice_ = loaded.windows[:rescore_windows]
         inputs = replace(SearchInputs.from_loaded(loaded, table), windows=slice_)
         run = RunOptions(progress=progress, storage=f"sqlite:///{out / 'studies.db'}")
-        result = JobResult(loaded, table, None)
+        result = JobResult(loaded, table, base)
         reports = []
         for bits, act in budgets:
             name = f"{bits:g} bits, " + ("W4A8" if act == 8 else "weight-only")
@@ -210,18 +217,17 @@ def run_job(model: str, data: str, *, calib_windows: int = 64, seq_len: int = 51
             if report.best is not None:
                 plan = report.problem.plan(report.best)
                 stages.start(f"materialize + test {name} on {workers} Ray worker(s)")
-                try:  # the float model's result on the test windows comes from the same pass (the KL needs it)
-                    final = materialize(loaded, plan, path, base_result=result.base, overwrite=True,
-                                        progress=progress, workers=workers)[1]
-                    how = "materialized, real kernels"
-                    result.base = result.base or EvalResult(final.base_perplexity, math.log(final.base_perplexity),
-                                                            final.tokens)
+                try:  # the calibration statistics of the re-scoring serve again
+                    final = materialize(loaded, plan, path, base_result=base, kl_windows=kl_windows, overwrite=True,
+                                        progress=progress, workers=workers, stats=report.stats)[1]
+                    how = "materialized, real kernels" + (f"; KL on the last {kl_windows} windows"
+                                                          if (final.kl_tokens or final.tokens) < final.tokens
+                                                          else "")
                 except QuantPlanError as e:  # e.g. 2/3-bit layers: no kernel serves them
                     stages.rows[-1]["stage"] = f"simulate + test {name} (cannot materialize)"
                     stderr.print(f"{name}: {e}; evaluated in simulation instead")
-                    base, (final,) = measure_plans(loaded.net, [plan], loaded.windows, loaded.calib_tokens,
-                                                   workers=workers, progress=progress)
-                    result.base = result.base or base
+                    _, (final,) = measure_plans(loaded.net, [plan], loaded.windows, loaded.calib_tokens,
+                                                workers=workers, progress=progress, stats=report.stats)
                     how, path = "simulated: no kernel serves it", None
             result.searches.append({"name": name, "spec": spec, "report": report, "final": final, "how": how,
                                     "artifact": path})
@@ -246,6 +252,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray workers")
     p.add_argument("--out", type=Path, help="keep the artifacts and the studies here (default: a temporary dir)")
     p.add_argument("--table-cache", action="store_true", help="reuse (and fill) the user cache's sensitivity table")
+    p.add_argument("--kl-windows", type=int, default=32, help="the final plans' KL on the last N test windows (their "
+                   "perplexity on all of them); 0: the KL on all of them too")
+    p.add_argument("--reference-cache", action="store_true", help="reuse (and fill) the user cache's result of the "
+                   "unquantized model on the test windows (by default measured afresh, in its own stage)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -258,18 +268,21 @@ def main() -> None:
     result = run_job(model, args.data, calib_windows=args.calib_windows, seq_len=args.seq_len, trials=args.trials,
                      eval_top=args.eval_top, rescore_windows=args.rescore_windows, test_windows=args.test_windows,
                      budgets=tuple(parse_budget(b) for b in args.budgets), workers=args.workers, out=args.out,
-                     table_cache=args.table_cache, progress=not args.json)
+                     table_cache=args.table_cache, progress=not args.json, kl_windows=args.kl_windows or None,
+                     reference_cache=args.reference_cache)
     stages = [{"stage": "fetch (cached: checks the directory)" if fetch_s < 5 else "fetch + convert",
                "seconds": fetch_s, **dict.fromkeys(MEMORY)}, *result.stages]
     total = sum(s["seconds"] for s in stages)
+    job = sum(s["seconds"] for s in result.stages if not s["stage"].startswith(REFERENCE))
     if args.json:
         print(json.dumps({"model": model, "args": {k: str(v) for k, v in vars(args).items()}, "rows": result.rows(),
-                          "stages": stages, "total_seconds": total, "note": Q4_1_NOTE}, indent=1))
+                          "stages": stages, "total_seconds": total, "job_seconds": job, "note": Q4_1_NOTE},
+                         indent=1))
         return
-    show(model, result, stages, total, args)
+    show(model, result, stages, total, job, args)
 
 
-def show(model: str, result: JobResult, stages: list[dict[str, Any]], total: float, args: Any) -> None:
+def show(model: str, result: JobResult, stages: list[dict[str, Any]], total: float, job: float, args: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -285,7 +298,8 @@ def show(model: str, result: JobResult, stages: list[dict[str, Any]], total: flo
     for r in result.rows():
         plans.add_row(r["search"], r["plan"], f"{r['avg_bits']:.3f}", "-" if r["bytes"] is None else
                       f"{r['bytes']:,}", r["windows"], f"{r['perplexity']:.3f}", f"{r['kl']:.4f}", r["note"])
-    times = Table(title=f"stages: {total:.0f} s in all; memory in GB: peak RSS (VmHWM, reset per stage) of the driver "
+    times = Table(title=f"stages: {total:.0f} s in all, the job {job:.0f} s (without the fetch and the reference); "
+                  "memory in GB: peak RSS (VmHWM, reset per stage) of the driver "
                   "and of the largest Ray worker, and the sampled peak of RSS less shared memory (Ray's object "
                   "store pages); the last column sums the workers' peaks", width=150)
     for col in ("stage", "wall s", "driver", "driver w/o shm", "worker", "worker w/o shm", "workers"):

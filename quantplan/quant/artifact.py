@@ -203,10 +203,12 @@ def export(
     resolved: Mapping[str, LayerSpec] | None = None,
     progress: bool | Progress = False,
     tokenizer: Any = None,
+    stats: Any = None,
 ) -> Path:
     """Calibrate, quantize and pack `plan` on a copy of `model` (left untouched), then write it in `format` into
     `out_dir` (staged in a temporary sibling directory and renamed). Arguments as `materialize`'s; `tokenizer`: for
-    formats that write a complete model directory (compressed-tensors; else loaded from the model's name)."""
+    formats that write a complete model directory (compressed-tensors; else loaded from the model's name); `stats`:
+    the calibration statistics when they are known (`apply_plan(stats=)`: not collected again)."""
     fmt = export_format(format)
     out = Path(out_dir)
     check_destination(out, overwrite)  # before the expensive part; staging_dir checks again
@@ -219,7 +221,7 @@ def export(
     work = copy.deepcopy(model)
     report = apply_plan(work, plan, calibration, batch_size=batch_size,
                         module_factory=fmt.module_factory or QuantLinear.from_float, resolved=resolved,
-                        progress=progress)
+                        progress=progress, stats=stats)
     base_model = {**_default_identity(model, plan), **(model_info or {}), "fingerprint": fingerprint}
     job = ExportJob(model, work, plan, report, base_model, calibration, measure,
                     meta={} if tokenizer is None else {"tokenizer": tokenizer})
@@ -241,6 +243,7 @@ def materialize(
     measure: Measure | None = None,
     resolved: Mapping[str, LayerSpec] | None = None,
     progress: bool | Progress = False,
+    stats: Any = None,
 ) -> ArtifactInfo:
     """Calibrate, quantize and pack `plan` on a copy of `model` (left untouched) into the artifact `out_dir`.
 
@@ -249,10 +252,11 @@ def materialize(
     leaves nothing. `measure`, if given, is called with the complete staged artifact and returns metrics
     (perplexity, kl, ...) that are recorded in the manifest before the rename. `resolved`: the plan's
     `resolve_plan(model, plan)` when the caller has it (nothing resolves the plan again). `progress` reports
-    the layers quantized (`apply_plan`).
+    the layers quantized (`apply_plan`); `stats`: as `export`'s.
     """
     out = export(model, plan, calibration, out_dir, format=ARTIFACT_FORMAT_NAME, model_info=model_info,
-                 overwrite=overwrite, batch_size=batch_size, measure=measure, resolved=resolved, progress=progress)
+                 overwrite=overwrite, batch_size=batch_size, measure=measure, resolved=resolved, progress=progress,
+                 stats=stats)
     info = read_manifest(out)
     log.info("materialized %d layers into %s (%s bytes of weights)", len(info.layers), out, info.metrics["bytes"])
     return info

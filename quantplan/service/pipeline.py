@@ -78,6 +78,7 @@ class SearchReport:
     select: str = "kl"
     refinement: Refinement | None = None  # the measured descent (search.refine), when refine > 0
     base: EvalResult | None = field(default=None, repr=False)  # the unquantized model on the evaluation windows
+    stats: Any = field(default=None, repr=False)  # the calibration statistics the measurements collected, if any
 
     def candidates(self) -> list[Candidate]:
         """References, variants, refinement steps and the Pareto set, each label once."""
@@ -221,7 +222,7 @@ def _search(inputs: SearchInputs, problem: Problem, settings: StudySettings, pro
                       measurer, _to_measure(result, found, eval_top, eval_baselines))
     if refine and report.selection:
         report = _refine(report, inputs, measurer, refine, refine_tol, workers)
-    return replace(report, base=measurer.known_base(inputs.windows))
+    return replace(report, base=measurer.known_base(inputs.windows), stats=measurer.stats)
 
 
 def check_select(select: str, refine: int = 0) -> None:

@@ -348,7 +348,7 @@ class JobRun:
             with _scratch() as tmp:
                 out = tmp / "artifact"
                 _, real = materialize(loaded, plan, out, base_result=base, progress=progress,
-                                      workers=self.spec.workers, address=self.address)
+                                      workers=self.spec.workers, address=self.address, stats=report.stats)
                 stored = self.store.put_dir(out)
             self.repo.set_metrics(plan_id, {("perplexity", dataset): real.perplexity, ("kl", dataset): real.kl,
                                             ("base_perplexity", dataset): real.base_perplexity,

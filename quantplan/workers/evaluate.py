@@ -349,46 +349,52 @@ def evaluate(
 
 
 def evaluate_many(
-    reference: nn.Module,
+    reference: nn.Module | None,
     models: Sequence[nn.Module],
     windows: torch.Tensor,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[EvalResult, list[EvalResult]]:
+) -> tuple[EvalResult | None, list[EvalResult]]:
     """The reference's result and each model's perplexity and KL(reference || model) on `windows`, in one pass.
 
     Each batch goes through the reference once and each chunk of its log-softmax serves every model, where
     `evaluate(model, reference=...)` per model would run the reference once per model: P models cost P + 1
     forwards per window instead of 2P. The numbers are `evaluate`'s (the same chunks, summed in the same order).
-    `on_progress(done, total)` counts windows (each through every model)."""
+    `on_progress(done, total)` counts windows (each through every model). Without a `reference` (None), each
+    model's perplexity only (no KL), and None for the reference's result."""
     _check_args(windows, batch_size, None)
     windows = windows.long()
     n, seq_len = windows.shape
-    ref_split = _split_lm(reference)
+    ref_split = _split_lm(reference) if reference is not None else None
     splits = [_split_lm(m) for m in models]
     sums = torch.zeros(len(models) + 1, 2, dtype=torch.float64)  # [reference, *models] x (nll, kl)
     with _eval_mode(reference, *models), torch.inference_mode(), _progress(False, "", n, on_progress) as advance:
         for start in range(0, n, batch_size):
             batch = windows[start : start + batch_size]
-            ref_logits, vocab = _row_logits(reference, ref_split, batch.to(_device_of(reference)))
+            ref_logits, vocab = None, None
+            if reference is not None:
+                ref_logits, vocab = _row_logits(reference, ref_split, batch.to(_device_of(reference)))
             logits = []
             for m, split in zip(models, splits, strict=True):
                 row_logits, model_vocab = _row_logits(m, split, batch.to(_device_of(m)))
-                if model_vocab != vocab:
+                if model_vocab != (vocab := vocab or model_vocab):
                     raise ValueError(f"reference vocabulary ({vocab}) does not match a model's ({model_vocab})")
                 logits.append(row_logits)
+            assert vocab is not None
             sums += _many_sums(ref_logits, logits, batch, vocab)
             del ref_logits, logits
             advance(len(batch))
     tokens = n * (seq_len - 1)
-    results = [_result(float(nll) / tokens, tokens, float(kl) / tokens) for nll, kl in sums[1:]]
-    return _result(float(sums[0, 0]) / tokens, tokens, None), results
+    with_kl = reference is not None
+    results = [_result(float(nll) / tokens, tokens, float(kl) / tokens if with_kl else None) for nll, kl in sums[1:]]
+    return (_result(float(sums[0, 0]) / tokens, tokens, None) if with_kl else None), results
 
 
-def _many_sums(ref_logits: RowLogits, logits: Sequence[RowLogits], targets: torch.Tensor, vocab: int) -> torch.Tensor:
+def _many_sums(ref_logits: RowLogits | None, logits: Sequence[RowLogits], targets: torch.Tensor,
+               vocab: int) -> torch.Tensor:
     """[1 + models, 2] sums of (NLL, KL) over one batch: `_batch_sums`' chunks, the reference's log-softmax
-    computed once per chunk for every model."""
+    computed once per chunk for every model (no reference: NLL only, the KL column and row 0 stay 0)."""
     rows, length = targets.shape
     chunk = max(1, _CHUNK_ELEMENTS // vocab)
     out = torch.zeros(len(logits) + 1, 2, dtype=torch.float64)
@@ -396,12 +402,15 @@ def _many_sums(ref_logits: RowLogits, logits: Sequence[RowLogits], targets: torc
         for start in range(0, length - 1, chunk):
             stop = min(start + chunk, length - 1)
             target = targets[row, start + 1 : stop + 1]
-            ref_logp = F.log_softmax(ref_logits(row, start, stop).double(), dim=-1)
-            out[0, 0] += F.nll_loss(ref_logp, target.to(ref_logp.device), reduction="sum").cpu()
+            ref_logp = None
+            if ref_logits is not None:
+                ref_logp = F.log_softmax(ref_logits(row, start, stop).double(), dim=-1)
+                out[0, 0] += F.nll_loss(ref_logp, target.to(ref_logp.device), reduction="sum").cpu()
             for i, model_logits in enumerate(logits, 1):
                 logp = F.log_softmax(model_logits(row, start, stop).double(), dim=-1)
                 out[i, 0] += F.nll_loss(logp, target.to(logp.device), reduction="sum").cpu()
-                out[i, 1] += F.kl_div(logp, ref_logp.to(logp.device), reduction="sum", log_target=True).cpu()
+                if ref_logp is not None:
+                    out[i, 1] += F.kl_div(logp, ref_logp.to(logp.device), reduction="sum", log_target=True).cpu()
                 del logp
             del ref_logp
     return out

@@ -10,6 +10,8 @@ The orchestration that also runs the search is `quantplan.service.pipeline` (wor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ from quantplan.progress import Progress
 from quantplan.quant.apply import CalibrationStats, layer_shapes, needs_calibration, validate_plan
 from quantplan.quant.artifact import ArtifactInfo
 from quantplan.quant.costs import TableError, TableInfo, read_table_info
-from quantplan.quant.plan import Plan
+from quantplan.quant.plan import Plan, atomic_write_text
 from quantplan.quant.schemes import act_schemes, builtin_act_scheme
 from quantplan.workers.artifacts import materialize_plan
 from quantplan.workers.data import CalibrationSet, DataSpec, calibration_set, eval_windows, load_text
@@ -156,10 +158,15 @@ def selection_windows(spec: DataSpec, eval_spec: DataSpec, tokenizer: Any, seq_l
 # ---------------------------------------------------------------------------------------------- sensitivity
 
 
+def cache_dir(kind: str) -> Path:
+    """Where computed results of `kind` are kept for reuse: $QUANTPLAN_CACHE_DIR/KIND or the user cache dir's."""
+    root = os.environ.get("QUANTPLAN_CACHE_DIR") or platformdirs.user_cache_dir("quantplan")
+    return Path(root) / kind
+
+
 def sensitivity_cache_dir() -> Path:
     """Where computed tables are kept for reuse: $QUANTPLAN_CACHE_DIR/sensitivity or the user cache dir."""
-    root = os.environ.get("QUANTPLAN_CACHE_DIR") or platformdirs.user_cache_dir("quantplan")
-    return Path(root) / "sensitivity"
+    return cache_dir("sensitivity")
 
 
 def table_identity(model: nn.Module, calibration: CalibrationSet, *, micro_batch: int = 1,
@@ -250,17 +257,55 @@ def table_for(loaded: Loaded, path: Path | None = None, *, workers: int = 1, add
 # ---------------------------------------------------------------------------------------------- materialize
 
 
+REFERENCE_VERSION = 1  # bump when the evaluation's definition changes (evaluate.py's module docstring)
+
+
+def reference_key(fingerprint: str, windows: torch.Tensor) -> str:
+    """The cache key of the unquantized model's result on `windows`: the weights' fingerprint and the tokens."""
+    h = hashlib.sha256(f"{REFERENCE_VERSION}:{fingerprint}:{tuple(windows.shape)}:".encode())
+    h.update(windows.long().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def reference_result(loaded: Loaded, *, workers: int = 1, address: str | None = None,
+                     progress: bool | Progress = False, cache: bool = True) -> tuple[EvalResult, bool]:
+    """The unquantized model's perplexity on the loaded evaluation windows: a property of the model and the
+    tokens, measured once (on `workers` Ray workers) and kept in the user cache (`cache_dir("reference")`,
+    keyed by the weights' fingerprint and the windows' tokens). Returns (result, cached)."""
+    from quantplan.workers.tasks import evaluate_models  # Ray only when it must be measured
+
+    assert loaded.windows is not None, "load with LoadSpec(windows=True)"
+    path = cache_dir("reference") / f"{reference_key(loaded.fingerprint, loaded.windows)}.json"
+    if cache and path.is_file():
+        try:
+            result = EvalResult(**json.loads(path.read_text()))
+            log.info("reusing the unquantized model's result %s", path)
+            return result, True
+        except (OSError, ValueError, TypeError) as e:  # unreadable: measure again, overwrite
+            log.warning("ignoring the cached result %s (%s)", path, e)
+    _, (result,) = evaluate_models(None, [loaded.net], loaded.windows, workers=workers, address=address,
+                                   progress=progress, step="unquantized model")
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result.to_dict()))
+    return result, False
+
+
+
 def materialize(loaded: Loaded, plan: Plan, out: Path, *, base_result: EvalResult | None = None,
-                overwrite: bool = False, batch_size: int = 8, progress: bool | Progress = False,
-                workers: int | None = None, address: str | None = None) -> tuple[ArtifactInfo, PlanEval]:
+                kl_windows: int | None = None, overwrite: bool = False, batch_size: int = 8,
+                progress: bool | Progress = False, workers: int | None = None, address: str | None = None,
+                stats: CalibrationStats | None = None) -> tuple[ArtifactInfo, PlanEval]:
     """The materialize stage: calibrate, pack `plan` into the artifact directory `out` and measure the real
-    quantized model on the loaded evaluation windows (`base_result`: the unquantized model's, when known), in
-    this process or on `workers` Ray workers."""
+    quantized model on the loaded evaluation windows (`base_result`: the unquantized model's, when known; with
+    it, `kl_windows` limits the KL to the last that many windows: `evaluate_artifact`), in this process or on
+    `workers` Ray workers. `stats`: the calibration statistics of the loaded calibration tokens, when an earlier
+    stage collected them (`Measurer.stats`)."""
     assert loaded.windows is not None, "load with LoadSpec(windows=True)"
     info, real = materialize_plan(loaded.net, plan, loaded.calib_tokens, out, windows=loaded.windows,
                                   eval_info=loaded.eval_info(), model_info=loaded.identity, base_result=base_result,
-                                  overwrite=overwrite, batch_size=batch_size, progress=progress, workers=workers,
-                                  address=address)
+                                  kl_windows=kl_windows, overwrite=overwrite, batch_size=batch_size,
+                                  progress=progress, workers=workers, address=address, stats=stats)
     assert real is not None
     return info, real
 
@@ -288,6 +333,11 @@ class Measurer:
                                    progress=self.progress)
             self._bases[id(windows)] = (windows, result)
         return self._bases[id(windows)][1]
+
+    @property
+    def stats(self) -> CalibrationStats | None:
+        """The calibration statistics collected for the plans measured so far (None until a plan needed them)."""
+        return self._stats
 
     def known_base(self, windows: torch.Tensor) -> EvalResult | None:
         """The unquantized model's result on `windows` if it was measured, else None."""

@@ -36,6 +36,7 @@ class PlanEval:
     avg_bits: float
     bytes: int
     base_perplexity: float
+    kl_tokens: int | None = None  # the tokens the KL covers, where it was measured on fewer than `tokens`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +103,7 @@ def evaluate_plans_together(
         costs.append(report.cost)
     count = None if on_windows is None else (lambda k: on_windows(k * len(plans)))
     base_result, results = evaluate_many(base, models, windows, batch_size=batch_size, on_progress=increments(count))
+    assert base_result is not None
     evals = []
     for plan, cost, result in zip(plans, costs, results, strict=True):
         assert result.kl is not None

@@ -484,30 +484,32 @@ def evaluate_plans(
 
 
 @ray.remote(max_retries=MAX_RETRIES, retry_exceptions=True)
-def _models_task(reference: nn.Module, models: list[nn.Module], windows: torch.Tensor, threads: int,
-                 count: Count = None) -> tuple[EvalResult, list[EvalResult]]:
+def _models_task(reference: nn.Module | None, models: list[nn.Module], windows: torch.Tensor, threads: int,
+                 count: Count = None) -> tuple[EvalResult | None, list[EvalResult]]:
     torch.set_num_threads(threads)
     per_window = None if count is None else (lambda k: count(k * len(models)))
-    return evaluate_many(reference.float(), models, windows, on_progress=increments(per_window))
+    reference = None if reference is None else reference.float()
+    return evaluate_many(reference, models, windows, on_progress=increments(per_window))
 
 
-def evaluate_models(reference: nn.Module, models: Sequence[nn.Module], windows: torch.Tensor, *, workers: int = 1,
-                    address: str | None = None, progress: bool | Progress = False,
-                    step: str = "quantized model") -> tuple[EvalResult, list[EvalResult]]:
+def evaluate_models(reference: nn.Module | None, models: Sequence[nn.Module], windows: torch.Tensor, *,
+                    workers: int = 1, address: str | None = None, progress: bool | Progress = False,
+                    step: str = "quantized model") -> tuple[EvalResult | None, list[EvalResult]]:
     """`evaluate_many(reference, models, windows)` with the windows sharded over `workers` Ray workers: the
-    reference's result and each model's perplexity and KL(reference || model). The models go as they are (e.g.
-    real quantized models with their packed weights; not converted to float). `progress` reports `step` in
-    windows x models."""
+    reference's result and each model's perplexity and KL(reference || model); without a reference (None),
+    None and each model's perplexity. The models go as they are (e.g. real quantized models with their packed
+    weights; not converted to float). `progress` reports `step` in windows x models."""
     init_ray(address)
     threads = _threads(workers)
     shards = list(windows.split(-(-len(windows) // min(len(windows), max(1, workers)))))
-    reference_ref, models_ref = ray.put(reference.eval()), ray.put([m.eval() for m in models])
+    reference_ref = None if reference is None else ray.put(reference.eval())
+    models_ref = ray.put([m.eval() for m in models])
     with _tracking(progress) as track:
         count = track.count(step)
         parts = track(step, [_models_task.options(num_cpus=threads).remote(reference_ref, models_ref, shard, threads,
                                                                            count) for shard in shards],
                       len(windows) * len(models))
-    base = merge_results([b for b, _ in parts])
+    base = None if reference is None else merge_results([b for b, _ in parts])
     return base, [merge_results([results[i] for _, results in parts]) for i in range(len(models))]
 
 

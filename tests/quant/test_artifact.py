@@ -395,3 +395,22 @@ def test_import_quant_stays_torch_free() -> None:
             "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_kl_on_a_slice_with_a_known_base(stories: Case, stories_artifact: Path) -> None:
+    """With the unquantized model's result known, `kl_windows` runs the reference on the last windows only: the
+    perplexity still covers every window (equal to the full evaluation's), the KL is the slice's."""
+    full = evaluate_artifact(stories.model, stories_artifact, stories.windows, base_result=stories.base)
+    part = evaluate_artifact(stories.model, stories_artifact, stories.windows, base_result=stories.base, kl_windows=3)
+    quantized = copy.deepcopy(stories.model)
+    quant.load_quantized(quantized, stories_artifact)
+    on_slice = evaluate(quantized, stories.windows[-3:], reference=stories.model)
+    assert part.tokens == full.tokens and part.nll == pytest.approx(full.nll, rel=1e-9)
+    assert part.kl == pytest.approx(on_slice.kl, rel=1e-9) and part.kl_tokens == on_slice.tokens == 3 * 127
+    assert full.kl_tokens == full.tokens and part.kl != pytest.approx(full.kl, rel=1e-6)
+    assert part.base_perplexity == stories.base.perplexity
+    # without a known base the reference runs on every window anyway: the KL covers them all
+    assert evaluate_artifact(stories.model, stories_artifact, stories.windows, kl_windows=3).kl == pytest.approx(
+        full.kl, rel=1e-9)
+    with pytest.raises(ValueError, match="kl_windows must be at least 1"):
+        evaluate_artifact(stories.model, stories_artifact, stories.windows, base_result=stories.base, kl_windows=0)

@@ -130,6 +130,9 @@ def test_many_models_in_one_pass_equal_one_evaluation_each(tiny, windows: torch.
     assert merged.nll == pytest.approx(results[0].nll, rel=1e-12)
     assert merged.kl == pytest.approx(results[0].kl, rel=1e-12)
     assert merged.perplexity == pytest.approx(results[0].perplexity, rel=1e-12)
+    # without a reference: each model's perplexity alone, no KL, no reference result
+    none, alone = evaluate_many(None, [perturbed, model], windows, batch_size=3)
+    assert none is None and alone == [evaluate(perturbed, windows, batch_size=3), base]
 
 
 def test_bfloat16_model_against_float32_reference(tiny, windows: torch.Tensor) -> None:

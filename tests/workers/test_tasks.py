@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,29 @@ def test_models_evaluated_on_sharded_windows_equal_one_pass(ray_local, stories_h
     # take different paths, equal to float rounding
     assert result.nll == pytest.approx(want.nll, rel=1e-6) and result.kl == pytest.approx(want.kl, rel=1e-4)
     assert result.kl > 0 and events[-1].done == events[-1].total == 5
+
+
+def test_reference_result_is_measured_once_per_model_and_windows(ray_local, stories_hf: Path, stories_dir: Path,
+                                                                 tmp_path: Path, monkeypatch) -> None:
+    """The unquantized model's result on the evaluation windows is cached by weights and tokens: the second call
+    reads it back, other windows or another model measure again."""
+    from quantplan.workers.evaluate import evaluate
+    from quantplan.workers.pipeline import LoadSpec, load, reference_result
+
+    monkeypatch.setenv("QUANTPLAN_CACHE_DIR", str(tmp_path))
+    text = f"text:{stories_dir / 'sampled_seed1.txt'}"
+    loaded = load(LoadSpec(model=str(stories_hf), data=text, seq_len=64, windows=True, eval_samples=4))
+    first, cached = reference_result(loaded, workers=2)
+    assert not cached and first.kl is None
+    assert first.nll == pytest.approx(evaluate(loaded.net, loaded.windows).nll, rel=1e-9)
+    again, cached = reference_result(loaded, workers=2)
+    assert cached and again == first
+    fewer = replace(loaded, windows=loaded.windows[:2])
+    assert reference_result(fewer, workers=2)[1] is False
+    with torch.no_grad():
+        loaded.net.get_input_embeddings().weight.mul_(1.01)  # another model: another fingerprint
+    other = replace(loaded)  # a new Loaded hashes the weights again
+    assert other.fingerprint != loaded.fingerprint
+    changed, cached = reference_result(other, workers=2)
+    assert not cached and changed.nll != first.nll
+    assert len(list((tmp_path / "reference").glob("*.json"))) == 3

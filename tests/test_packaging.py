@@ -73,6 +73,9 @@ def test_the_wheel_holds_only_quantplan(wheel: tuple[Path, Path]) -> None:
     assert top_level == ["quantplan"]
     assert [n for n in names if not n.startswith(("quantplan/", f"{dist_info}/"))] == []
     assert {f"quantplan/storage/migrations/{m}" for m in MIGRATIONS} <= set(names)
+    service = src / "quantplan" / "service"
+    web = {p.relative_to(src).as_posix() for d in ("templates", "static") for p in (service / d).iterdir()}
+    assert web and web <= set(names)  # the web UI's templates and static files
     sources = {p.relative_to(src).as_posix() for p in (src / "quantplan").rglob("*.py")}
     assert sources - set(names) == set()  # every module, namespace folders (migrations/versions/) included
     assert len(sources) == len(module_names(src)) > 50

@@ -33,6 +33,7 @@ from sqlalchemy import text
 
 from quantplan.errors import QuantPlanError
 from quantplan.net import AddressError, unreachable
+from quantplan.service import web
 from quantplan.service.client import SHA_HEADER
 from quantplan.service.jobs import JobSpec, SpecError
 from quantplan.service.views import job_view, leaderboard_view, plan_view
@@ -103,6 +104,7 @@ def create_app(settings: StorageSettings | None = None, *, repo: Repository | No
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     _install_error_handlers(app)
     app.include_router(_routes(services))
+    web.mount(app, services)  # the web UI at / (quantplan/service/web.py)
     return app
 
 

@@ -44,12 +44,11 @@ from quantplan.service.jobs_cmd import (
     open_storage,
     spec_from_options,
 )
-from quantplan.service.views import PLAN_COLUMNS, PLAN_FORMATS, job_view, plan_row
+from quantplan.service.views import FINAL, PLAN_COLUMNS, PLAN_FORMATS, job_view, plan_row, step_line
 
 log = logging.getLogger("quantplan.service.remote")
 
 _Opt = typer.Option
-FINAL = ("succeeded", "failed", "cancelled")
 ServerOpt = Annotated[str | None, _Opt("--server", envvar="QUANTPLAN_SERVER", help="QuantPlan server URL, e.g. "
                                        "http://localhost:8000 (env QUANTPLAN_SERVER).")]
 TokenOpt = Annotated[str | None, _Opt("--token", envvar="QUANTPLAN_TOKEN", help="Bearer token (env "
@@ -150,19 +149,6 @@ def _job_call(job_id: int, server: str | None, token: str | None, db: str | None
             return client.cancel(job_id) if cancel else client.job(job_id)
     repo, _ = open_storage(db)
     return job_view(repo.cancel_job(job_id) if cancel else repo.get_job(job_id))
-
-
-def step_line(job: dict[str, Any]) -> str:
-    """Where the running step stands: 'sensitivity pass 12/64 windows, 0.41/s, eta 2:07' ('' when unknown)."""
-    if job.get("step") is None or job.get("total") is None:
-        return ""
-    parts = [f"{job['step']} {job['done']}/{job['total']} {job['unit']}"]
-    if job.get("rate"):
-        parts.append(f"{job['rate']:.2f}/s")
-    if job.get("eta") is not None and job["done"] < job["total"] and job["status"] == "running":
-        minutes, seconds = divmod(round(job["eta"]), 60)
-        parts.append(f"eta {minutes}:{seconds:02d}")
-    return ", ".join(parts)
 
 
 def _print_job(job: dict[str, Any], json_out: bool) -> None:

@@ -15,6 +15,7 @@ PLAN_FORMATS = {"avg_bits": ".3f", "bytes": ",d", "pred_loss": ".4f", "ppl": ".3
 
 
 STEP_KEYS = ("step", "unit", "done", "total", "elapsed", "rate", "eta")
+FINAL = ("succeeded", "failed", "cancelled")  # job statuses that do not change any more
 
 
 def job_view(job: JobRecord) -> dict[str, Any]:
@@ -40,6 +41,19 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "finished_at": _time(job.finished_at),
         "heartbeat_at": _time(job.heartbeat_at),
     }
+
+
+def step_line(job: dict[str, Any]) -> str:
+    """Where the running step stands: 'sensitivity pass 12/64 windows, 0.41/s, eta 2:07' ('' when unknown)."""
+    if job.get("step") is None or job.get("total") is None:
+        return ""
+    parts = [f"{job['step']} {job['done']}/{job['total']} {job['unit']}"]
+    if job.get("rate"):
+        parts.append(f"{job['rate']:.2f}/s")
+    if job.get("eta") is not None and job["done"] < job["total"] and job["status"] == "running":
+        minutes, seconds = divmod(round(job["eta"]), 60)
+        parts.append(f"eta {minutes}:{seconds:02d}")
+    return ", ".join(parts)
 
 
 def plan_view(plan: PlanRecord, *, full: bool = False) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -151,6 +151,26 @@ class LeaderboardPage:
 
 
 @dataclass(frozen=True)
+class ModelSummary:
+    """A model with what is stored for it: plans, jobs that stored them, its unquantized perplexity."""
+
+    name: str
+    model_ids: tuple[int, ...]  # every revision stored under the name
+    plans: int
+    jobs: int
+    base_perplexity: float | None  # the smallest `base_perplexity` metric of its plans (None before a measurement)
+
+
+@dataclass(frozen=True)
+class StudyProgress:
+    """Where an Optuna study of the shared database stands: finished trials and their values."""
+
+    name: str
+    trials: int
+    values: tuple[tuple[float, float | None], ...]  # per finished trial: (first objective, its `avg_bits` attr)
+
+
+@dataclass(frozen=True)
 class RequeueResult:
     requeued: tuple[int, ...]
     failed: tuple[int, ...]
@@ -259,6 +279,42 @@ class Repository:
         """A model by id, fingerprint or name (the newest of that name)."""
         with self.session() as s:
             return _record(ModelRecord, self._model_rows(s, model)[0])
+
+    def model_summaries(self) -> list[ModelSummary]:
+        """Every model name with stored plans, by name: its plan and job counts and unquantized perplexity."""
+        with self.session() as s:
+            rows = s.execute(select(Model.name, func.min(Model.id), func.count(PlanRow.id),
+                                    func.count(PlanRow.job_id.distinct()))
+                             .join(PlanRow, PlanRow.model_id == Model.id).group_by(Model.name)
+                             .order_by(Model.name)).all()
+            ids = {name: tuple(s.scalars(select(Model.id).where(Model.name == name).order_by(Model.id)))
+                   for name, *_ in rows}
+            base = dict(s.execute(select(Model.name, func.min(MetricRow.value))
+                                  .join(PlanRow, PlanRow.model_id == Model.id)
+                                  .join(MetricRow, MetricRow.plan_id == PlanRow.id)
+                                  .where(MetricRow.name == "base_perplexity").group_by(Model.name)).all())
+            return [ModelSummary(name, ids[name], plans, jobs, base.get(name)) for name, _, plans, jobs in rows]
+
+    def study_progress(self, names: Sequence[str]) -> dict[str, StudyProgress]:
+        """The finished trials of the named Optuna studies that share this database (absent: no such study).
+
+        Read with SQL from Optuna's own tables (`studies`, `trials`, `trial_values`, `trial_user_attributes`), so
+        a page can show a running search without loading Optuna."""
+        if not names:
+            return {}
+        query = text(
+            "SELECT s.study_name, t.trial_id, v.value, a.value_json FROM studies s "
+            "JOIN trials t ON t.study_id = s.study_id AND t.state = 'COMPLETE' "
+            "LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0 "
+            "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id AND a.key = 'avg_bits' "
+            "WHERE s.study_name IN :names").bindparams(bindparam("names", expanding=True))
+        with self.session() as s:
+            if not s.bind.dialect.has_table(s.connection(), "studies"):
+                return {}
+            found: dict[str, list[tuple[float, float | None]]] = {}
+            for name, _, value, bits in s.execute(query, {"names": list(names)}):
+                found.setdefault(name, []).append((value, None if bits is None else float(json.loads(bits))))
+        return {name: StudyProgress(name, len(v), tuple(x for x in v if x[0] is not None)) for name, v in found.items()}
 
     # ------------------------------------------------------------------ jobs
 

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install bench bench-real clean
+.PHONY: demo test lint install browser bench bench-real clean
 
 # torch is installed first and pinned: the CPU wheel 2.13.0 satisfies every later requirement,
 # so pip never reaches for a CUDA build.
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Debian's chromium and chromedriver for the browser tests (tests/service/test_web.py); .ci/run runs it too
+browser:
+	.ci/install-browser
 
 demo: $(STAMP)
 	$(BIN)/quantplan demo

@@ -78,24 +78,40 @@ class StorageSettings(BaseSettings):
     pool_recycle: int = Field(default=1800, ge=-1)  # seconds; PostgreSQL servers and proxies drop idle links
     sqlite_busy_timeout: float = Field(default=30.0, gt=0)  # seconds a writer waits for SQLite's lock
     # the HTTP service (`quantplan serve`)
-    api_tokens: str | None = None  # comma-separated bearer tokens, each `token` or `name=token` (name: submitter)
+    # comma-separated bearer tokens, each `token`, `name=token` (name: submitter) or either with `:admin` / `:user`
+    api_tokens: str | None = None
     auth_reads: bool = False  # also require a token for reads (GET)
     max_request_bytes: int = Field(default=1_000_000, ge=1024)  # larger request bodies get 413
+    # what a submitted job may read on the server (os.pathsep-separated directories; none: no local path)
+    model_roots: str | None = None
+    data_roots: str | None = None
+    allow_hub: bool = False  # also accept Hugging Face hub ids (model) and the hub's WikiText-2 (data)
 
-    def tokens(self) -> dict[str, str]:
-        """The configured bearer tokens, token -> name (the name recorded as a job's submitter)."""
-        out: dict[str, str] = {}
+    def principals(self) -> dict[str, tuple[str, str]]:
+        """The configured bearer tokens, token -> (name, role); the name is recorded as a job's submitter, the
+        role is `admin` (may act on every job) or `user` (on its own jobs)."""
+        out: dict[str, tuple[str, str]] = {}
         for i, item in enumerate(t.strip() for t in (self.api_tokens or "").split(",")):
             if not item:
                 continue
             name, sep, token = item.partition("=")
             if not sep:
                 name, token = f"token{i + 1}", item
-            if len(token.strip()) < 8:
+            token, role = _role(token.strip())
+            if len(token) < 8:
                 raise SettingsError(f"API token {name.strip()!r} is shorter than 8 characters; use a long random "
                                     "token (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
-            out[token.strip()] = name.strip()
+            out[token] = (name.strip(), role)
         return out
+
+    def tokens(self) -> dict[str, str]:
+        """The configured bearer tokens, token -> name (the name recorded as a job's submitter)."""
+        return {token: name for token, (name, _) in self.principals().items()}
+
+    def roots(self, kind: str) -> tuple[str, ...]:
+        """The configured `model` or `data` roots, as written (`os.pathsep`-separated, empty entries dropped)."""
+        value = self.model_roots if kind == "model" else self.data_roots
+        return tuple(r.strip() for r in (value or "").split(os.pathsep) if r.strip())
 
     @classmethod
     def settings_customise_sources(
@@ -159,6 +175,17 @@ def _config_path(config_file: str | Path | None) -> Path | None:
         return Path(os.environ[CONFIG_ENV])
     default = default_config_path()
     return default if default.is_file() else None
+
+
+ROLES = ("user", "admin")
+
+
+def _role(token: str) -> tuple[str, str]:
+    """(token, role) of `TOKEN` or `TOKEN:role`; a `:suffix` that is not a role stays part of the token."""
+    head, sep, suffix = token.rpartition(":")
+    if sep and suffix.strip().lower() in ROLES:
+        return head.strip(), suffix.strip().lower()
+    return token, "user"
 
 
 def _short(e: ValidationError) -> str:

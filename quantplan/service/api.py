@@ -12,15 +12,19 @@
     GET  /healthz                  database and Ray reachable (200) or not (503)
 
 Writes need `Authorization: Bearer <token>` with a token from the settings (`QUANTPLAN_API_TOKENS`); reads too
-when `QUANTPLAN_AUTH_READS` is set. Errors are JSON `{"detail": "..."}`: 401 no/bad token, 404 unknown id,
-409 conflicting idempotency key, 413 body over `QUANTPLAN_MAX_REQUEST_BYTES`, 422 invalid input, 503 database
-unreachable. The job runner is separate (`quantplan runner`, or the runners `quantplan serve` starts).
+when `QUANTPLAN_AUTH_READS` is set. A job belongs to its submitter: cancelling it takes its owner's or an admin's
+token, idempotency keys are per user, and anonymous readers see no spec paths, error texts or submitters
+(`service.access`). A job reads only what the server's roots allow (`service.confine`). Errors are JSON
+`{"detail": "..."}`: 401 no/bad token, 403 another user's job, 404 unknown id, 409 conflicting idempotency key,
+413 body over `QUANTPLAN_MAX_REQUEST_BYTES`, 422 invalid input, 503 database unreachable, 500 with a request id
+(the details are in the server's log, never in the response). The job runner is separate (`quantplan runner`, or
+the runners `quantplan serve` starts).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime, and the
 # dependency aliases below are local to `_routes`.
-import hmac
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -34,8 +38,10 @@ from sqlalchemy import text
 from quantplan.errors import QuantPlanError
 from quantplan.net import AddressError, unreachable
 from quantplan.service import web
+from quantplan.service.access import User, bearer, find_user, public_job, public_plan, scoped_key
 from quantplan.service.client import SHA_HEADER
-from quantplan.service.jobs import JobSpec, SpecError
+from quantplan.service.confine import confine
+from quantplan.service.jobs import PRINTABLE, JobSpec, SpecError, error_message
 from quantplan.service.views import job_view, leaderboard_view, plan_view
 from quantplan.storage import (
     DatabaseUnavailableError,
@@ -63,6 +69,7 @@ class Problem(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing or unknown bearer token."},
+    422: {"model": Problem, "description": "Invalid id, query or body; the message names each field."},
     404: {"model": Problem, "description": "No such job, plan or model."},
     413: {"model": Problem, "description": "Request body too large."},
     503: {"model": Problem, "description": "The database is unreachable; retry later."},
@@ -70,14 +77,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class Services:
-    """What the endpoints use: settings, repository, artifact store, tokens (token -> name)."""
+    """What the endpoints use: settings, repository, artifact store, tokens (token -> name; with roles:
+    `principals`, token -> (name, role))."""
 
     def __init__(self, settings: StorageSettings, repo: Repository | None = None,
                  store: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.repo = repo or Repository(settings=settings)
         self.store = store or open_store(settings.artifacts)
-        self.tokens = settings.tokens()
+        self.principals = settings.principals()
+        self.tokens = {token: name for token, (name, _) in self.principals.items()}
 
 
 def create_app(settings: StorageSettings | None = None, *, repo: Repository | None = None,
@@ -111,22 +120,19 @@ def create_app(settings: StorageSettings | None = None, *, repo: Repository | No
 # ---------------------------------------------------------------------------------------------- auth
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _identify(services: Services, authorization: str | None) -> str:
-    token = _bearer(authorization)
-    for known, name in services.tokens.items():
-        if token is not None and hmac.compare_digest(token.encode(), known.encode()):
-            return name
-    raise Unauthorized("a valid bearer token is required" if token is None else "unknown bearer token")
+def _identify(services: Services, authorization: str | None) -> User:
+    token = bearer(authorization)
+    user = find_user(services.principals, token)
+    if user is None:
+        raise Unauthorized("a valid bearer token is required" if token is None else "unknown bearer token")
+    return user
 
 
 class Unauthorized(Exception):
+    pass
+
+
+class Forbidden(Exception):
     pass
 
 
@@ -137,58 +143,76 @@ def _routes(services: Services) -> APIRouter:
     router = APIRouter()
     Auth = Annotated[str | None, Header(description="Bearer <token>")]
 
-    def writer(authorization: Auth = None) -> str:
+    def writer(authorization: Auth = None) -> User:
         return _identify(services, authorization)
 
-    def reader(authorization: Auth = None) -> str | None:
-        return _identify(services, authorization) if services.settings.auth_reads else None
+    def reader(authorization: Auth = None) -> User | None:
+        """The caller; None for an anonymous read (allowed unless QUANTPLAN_AUTH_READS). A token that is sent
+        must be valid."""
+        if authorization is None and not services.settings.auth_reads:
+            return None
+        return _identify(services, authorization)
 
-    Writer = Annotated[str, Depends(writer)]
-    Reader = Annotated[str | None, Depends(reader)]
+    Writer = Annotated[User, Depends(writer)]
+    Reader = Annotated[User | None, Depends(reader)]
     repo, store = services.repo, services.store
+
+    def job_out(job: Any, user: User | None) -> dict[str, Any]:
+        return job_view(job) if user is not None else public_job(job_view(job))
+
+    def plan_out(plan: Any, user: User | None, *, full: bool = False) -> dict[str, Any]:
+        return plan_view(plan, full=full) if user is not None else public_plan(plan_view(plan, full=full))
 
     @router.post(f"/{API_VERSION}/jobs", status_code=202, responses={**ERRORS, 409: {"model": Problem}},
                  summary="Submit a search job")
     def submit(spec: JobSpec, user: Writer,
                idempotency_key: Annotated[str | None, Header(max_length=255, pattern=r"^[\x21-\x7e]+$")] = None
                ) -> dict[str, Any]:
+        spec = confine(spec, services.settings)  # 422 for a path outside the roots, or the hub when it is off
         try:
-            job = repo.create_job(spec.to_json(), submitter=user, idempotency_key=idempotency_key)
+            job = repo.create_job(spec.to_json(), submitter=user.name,
+                                  idempotency_key=scoped_key(user, idempotency_key))
         except StorageError as e:
             if isinstance(e, DatabaseUnavailableError) or idempotency_key is None:
                 raise
-            raise Conflict(str(e)) from None
-        log.info("job %d submitted by %s", job.id, user)
+            raise Conflict("this idempotency key already names another of your jobs, with another spec; send a "
+                           "new key for a new job") from e
+        log.info("job %d submitted by %s", job.id, user.name)
         return job_view(job)
 
     @router.get(f"/{API_VERSION}/jobs", responses=ERRORS, summary="List jobs")
-    def jobs(_: Reader, status: JOB_STATUSES | None = None,
+    def jobs(user: Reader, status: JOB_STATUSES | None = None,
              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
-        return [job_view(j) for j in repo.list_jobs(status, limit)]
+        return [job_out(j, user) for j in repo.list_jobs(status, limit)]
 
     @router.get(f"/{API_VERSION}/jobs/{{job_id}}", responses=ERRORS, summary="A job's status")
-    def job(job_id: Id, _: Reader) -> dict[str, Any]:
-        return job_view(repo.get_job(job_id))
+    def job(job_id: Id, user: Reader) -> dict[str, Any]:
+        return job_out(repo.get_job(job_id), user)
 
     @router.get(f"/{API_VERSION}/jobs/{{job_id}}/plans", responses=ERRORS, summary="The plans a job stored")
-    def job_plans(job_id: Id, _: Reader) -> list[dict[str, Any]]:
+    def job_plans(job_id: Id, user: Reader) -> list[dict[str, Any]]:
         repo.get_job(job_id)  # 404 for an unknown job rather than an empty list
-        return [plan_view(p) for p in repo.plans_for_job(job_id)]
+        return [plan_out(p, user) for p in repo.plans_for_job(job_id)]
 
-    @router.post(f"/{API_VERSION}/jobs/{{job_id}}/cancel", responses=ERRORS, summary="Cancel a job")
-    def cancel(job_id: Id, _: Writer) -> dict[str, Any]:
+    @router.post(f"/{API_VERSION}/jobs/{{job_id}}/cancel", responses={**ERRORS, 403: {"model": Problem}},
+                 summary="Cancel a job (its submitter or an admin)")
+    def cancel(job_id: Id, user: Writer) -> dict[str, Any]:
+        if not user.owns(repo.get_job(job_id).submitter):
+            raise Forbidden(f"job {job_id} belongs to another user; only its submitter or an admin token may "
+                            "cancel it")
         return job_view(repo.cancel_job(job_id))
 
     @router.get(f"/{API_VERSION}/leaderboard", responses=ERRORS, summary="Plans of a model")
     def leaderboard(
-        _: Reader,
-        model: Annotated[str, Query(min_length=1, max_length=1024, description="Name, fingerprint or id.")],
+        user: Reader,
+        model: Annotated[str, Query(min_length=1, max_length=1024, pattern=PRINTABLE,
+                                    description="Name, fingerprint or id.")],
         max_avg_bits: Annotated[float | None, Query(gt=0, le=64)] = None,
         max_bytes: Annotated[int | None, Query(ge=0, le=2**62)] = None,
         act_bits: Annotated[int | None, Query(ge=1, le=32)] = None,
         sort: Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")] = "perplexity",
         order: Literal["asc", "desc"] = "asc",
-        dataset: Annotated[str | None, Query(max_length=4096)] = None,
+        dataset: Annotated[str | None, Query(max_length=4096, pattern=PRINTABLE)] = None,
         pareto_only: bool = False,
         distinct: Annotated[bool, Query(description="A plan several jobs stored is listed once.")] = False,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
@@ -198,11 +222,12 @@ def _routes(services: Services) -> APIRouter:
         page = repo.leaderboard(key, max_avg_bits=max_avg_bits, max_bytes=max_bytes, act_bits=act_bits, sort=sort,
                                 dataset=dataset, order=order, pareto_only=pareto_only, limit=limit, offset=offset,
                                 distinct=distinct)
-        return leaderboard_view(model, page)
+        view = leaderboard_view(model, page)
+        return view if user is not None else {**view, "plans": [public_plan(p) for p in view["plans"]]}
 
     @router.get(f"/{API_VERSION}/plans/{{plan_id}}", responses=ERRORS, summary="A plan with its metrics")
-    def plan(plan_id: Id, _: Reader) -> dict[str, Any]:
-        return plan_view(repo.get_plan(plan_id), full=True)
+    def plan(plan_id: Id, user: Reader) -> dict[str, Any]:
+        return plan_out(repo.get_plan(plan_id), user, full=True)
 
     @router.get(f"/{API_VERSION}/plans/{{plan_id}}/plan.json", responses=ERRORS, summary="The plan file")
     def plan_file(plan_id: Id, _: Reader) -> JSONResponse:
@@ -222,11 +247,14 @@ def _routes(services: Services) -> APIRouter:
                    "Content-Disposition": f'attachment; filename="plan-{plan_id}.tar"'}
         return StreamingResponse(_chunks(reader_), media_type="application/x-tar", headers=headers)
 
-    @router.get("/healthz", summary="Database and Ray reachable", responses={503: {"description": "Unhealthy"}})
-    def healthz() -> JSONResponse:
+    @router.get("/healthz", summary="Database and Ray reachable (each check's result for token holders)",
+                responses={503: {"description": "Unhealthy"}})
+    def healthz(authorization: Auth = None) -> JSONResponse:
         checks = {"database": _check_database(repo), "ray": _check_ray(services.settings.ray_address)}
         ok = all(v in ("ok", "local") for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
+        known = find_user(services.principals, bearer(authorization)) is not None
+        body = {"status": "ok" if ok else "unavailable", **(checks if known else {})}  # no hosts for anonymous
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return router
 
@@ -242,8 +270,9 @@ def _check_database(repo: Repository) -> str:
         with repo.db.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return "ok"
-    except Exception as e:  # any failure to talk to it is "unreachable" here
-        return f"unreachable: {str(e).splitlines()[0][:200]}"
+    except Exception as e:  # any failure to talk to it is "unreachable" here; its text (URL, host) stays in the log
+        log.warning("health check: database unreachable: %s", str(e).splitlines()[0][:200])
+        return "unreachable"
 
 
 def _check_ray(address: str | None) -> str:
@@ -273,16 +302,31 @@ def _install_error_handlers(app: FastAPI) -> None:
         return problem(401, f"{e}; send `Authorization: Bearer <token>` with a token the server was given "
                             "(QUANTPLAN_API_TOKENS)", {"WWW-Authenticate": "Bearer"})
 
+    @app.exception_handler(Forbidden)
+    async def _403(_: Request, e: Forbidden) -> JSONResponse:
+        return problem(403, str(e))
+
     @app.exception_handler(Conflict)
     async def _409(_: Request, e: Conflict) -> JSONResponse:
         return problem(409, str(e))
+
+    def internal(e: BaseException) -> JSONResponse:
+        """500 with a request id: the error (which may hold database text or a URL) goes to the log only."""
+        request_id = uuid.uuid4().hex[:16]
+        log.error("request %s failed: %s: %s", request_id, type(e).__name__, e, exc_info=e)
+        return problem(500, f"internal error (request id {request_id}); the operator finds the details in the "
+                            "server's log", {"X-Request-ID": request_id})
+
+    @app.exception_handler(Exception)
+    async def _500(_: Request, e: Exception) -> JSONResponse:
+        return internal(e)
 
     @app.exception_handler(RequestValidationError)
     async def _422(_: Request, e: RequestValidationError) -> JSONResponse:
         parts = []
         for err in e.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-            parts.append(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}")
+            parts.append(f"{where}: {error_message(err)}")
         return problem(422, "invalid request: " + "; ".join(parts))
 
     @app.exception_handler(QuantPlanError)
@@ -296,6 +340,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             return problem(422, str(e))
         if isinstance(e, JobStateError):
             return problem(409, str(e))
+        if isinstance(e, StorageError):  # its message quotes the database's text and URL
+            return internal(e)
         return problem(400, str(e))
 
 

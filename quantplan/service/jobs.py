@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,6 +46,10 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "dtype": "float32",
 })
 SELECT = ("kl", "perplexity")
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # strings: no NUL or other control characters (they end up in paths and logs)
+# exactly one budget, as JSON Schema says it (a null budget counts as absent, as the validator below treats it)
+ONE_BUDGET = {"oneOf": [{"required": [name], "properties": {name: {"type": "number"}}}
+                        for name in ("budget_bits", "budget_mb")]}
 
 
 class SpecError(QuantPlanError):
@@ -55,14 +59,16 @@ class SpecError(QuantPlanError):
 class JobSpec(BaseModel):
     """A search job: model, data, one memory budget and the search options (defaults: `DEFAULTS`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, json_schema_extra=ONE_BUDGET)
 
-    model: str = Field(min_length=1, max_length=1024, description="Hugging Face id or a directory the runner sees.")
-    data: str = Field(min_length=1, max_length=4096,
+    model: str = Field(min_length=1, max_length=1024, pattern=PRINTABLE,
+                       description="Hugging Face id or a directory the runner sees.")
+    data: str = Field(min_length=1, max_length=4096, pattern=PRINTABLE,
                       description="Calibration and evaluation data: wikitext2 | wikitext2:<dir> | text:<file>,...")
-    eval_data: str | None = Field(None, max_length=4096, description="Held-out data (default: data, test split).")
+    eval_data: str | None = Field(None, max_length=4096, pattern=PRINTABLE,
+                                  description="Held-out data (default: data, test split).")
     budget_bits: float | None = Field(None, gt=0, le=32, description="Average bits per weight, scales included.")
-    budget_mb: float | None = Field(None, gt=0, description="Bytes of the quantizable weights, in MB (10^6).")
+    budget_mb: float | None = Field(None, gt=0, le=1e9, description="Bytes of the quantizable weights, in MB (10^6).")
     act_bits: Literal[8, 16] = Field(DEFAULTS["act_bits"], description="8: int8 activations; 16: weight-only.")
     trials: int = Field(DEFAULTS["trials"], ge=0, le=100_000, description="Completed trials the study should hold.")
     eval_top: int = Field(DEFAULTS["eval_top"], ge=0, le=32,
@@ -74,17 +80,19 @@ class JobSpec(BaseModel):
     samples: int = Field(DEFAULTS["samples"], ge=1, le=100_000, description="Calibration windows.")
     seq_len: int | None = Field(None, ge=2, le=32_768, description="Window length (default: min(512, max)).")
     eval_samples: int | None = Field(None, ge=1, le=100_000, description="Evaluate at most N windows.")
-    skip: str | None = Field(None, max_length=1024, description="Regex of module names to keep unquantized.")
+    skip: str | None = Field(None, max_length=1024, pattern=PRINTABLE,
+                             description="Regex of module names to keep unquantized.")
     max_dynamic_share: float | None = Field(None, ge=0, le=1)
     space: Literal["structured", "per-layer"] = DEFAULTS["space"]
     symmetry: Literal["sym", "asym", "both"] = DEFAULTS["symmetry"]
     low_bits: bool = Field(DEFAULTS["low_bits"], description="Also search 2/3-bit weights (simulation only).")
-    weights: list[str] | None = Field(None, max_length=64, description="Only these weight schemes.")
+    weights: list[Annotated[str, Field(max_length=64, pattern=PRINTABLE)]] | None = Field(
+        None, max_length=64, description="Only these weight schemes.")
     select: Literal["kl", "perplexity"] = Field(DEFAULTS["select"], description="Pick the plan by measured KL, or "
                                                 "by perplexity on a validation slice disjoint from the reported "
                                                 "windows.")
-    select_data: str | None = Field(None, max_length=4096, description="Selection text (default: data, "
-                                                                       "validation split).")
+    select_data: str | None = Field(None, max_length=4096, pattern=PRINTABLE,
+                                    description="Selection text (default: data, validation split).")
     select_samples: int | None = Field(None, ge=1, le=100_000)
     refine: int = Field(DEFAULTS["refine"], ge=0, le=10_000,
                         description="Measured refinement steps (needs select=perplexity).")
@@ -170,5 +178,12 @@ def describe(e: ValidationError, *, flags: bool = False) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "spec"
         if flags and err["loc"]:
             where = "--" + str(err["loc"][0]).replace("_", "-")
-        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        parts.append(f"{where}: {error_message(err)}")
     return "; ".join(parts)
+
+
+def error_message(err: Mapping[str, Any]) -> str:
+    """One pydantic error's message as a person reads it (the API's 422 uses it too)."""
+    if err.get("type") == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == PRINTABLE:
+        return "must not contain NUL or other control characters; remove them"
+    return str(err.get("msg", "invalid")).removeprefix("Value error, ")

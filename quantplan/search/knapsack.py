@@ -4,7 +4,8 @@ Minimize sum_i cost[i, a_g(i), w_i] subject to sum_i size[i, a_g(i), w_i] <= lim
 per group (layers fed by one norm), one weight scheme per layer. Dynamic programming over a size grid:
 V[c] = least loss with extra size <= c, where a layer's extra size is its size above its smallest option.
 A group is folded in once per activation scheme (its layers one after another) and the best scheme kept
-per cell, so the cost is O(layers x schemes x options x cells).
+per cell, so the cost is O(layers x schemes x options x cells). Layers fused into one unit (`Problem.units`) fold
+in as one item whose options are the options all of them allow, with their sizes and costs summed: still exact.
 
 Exactness: the grid unit is the gcd of every extra size whenever that leaves at most `max_cells` cells; the
 result is then the exact optimum. Otherwise the unit is coarser and extra sizes are rounded *up*, so the
@@ -94,15 +95,16 @@ def _solve(problem: Problem, grid: _Grid, mu: float) -> np.ndarray:
     cost = problem.cost + mu * (np.arange(problem.shape[1]) == lagrange.DYN)[None, :, None]
     value = np.zeros(grid.cells + 1)
     trace = []
-    for members in problem.groups:
-        value, step = _fold_group(value, members, grid, cost)
+    for members, units in zip(problem.groups, problem.group_units, strict=True):
+        value, step = _fold_group(value, members, [problem.units[u] for u in units], grid, cost)
         trace.append(step)
     if value[-1] >= BIG:
         raise AssertionError("the knapsack found no choice although the smallest sizes fit")
     return _backtrack(problem, grid, trace)
 
 
-def _fold_group(value: np.ndarray, members: tuple[int, ...], grid: _Grid, cost: np.ndarray):
+def _fold_group(value: np.ndarray, members: tuple[int, ...], units: list[tuple[int, ...]], grid: _Grid,
+                cost: np.ndarray):
     """Fold one group into V, once per activation scheme that can matter, then the best scheme per cell.
 
     cost[i, a, w] = weight cost + act cost, so two schemes allowing the same weight options differ by a
@@ -110,9 +112,10 @@ def _fold_group(value: np.ndarray, members: tuple[int, ...], grid: _Grid, cost: 
     results, acts = [], []
     for a in _representatives(members, grid, cost):
         v, args = value, []
-        for i in members:
-            w = np.flatnonzero(grid.extra[i, a] >= 0)
-            v, arg = _fold_layer(v, grid.extra[i, a, w], cost[i, a, w])
+        for unit in units:
+            extra = grid.extra[list(unit), a]  # [members, W]
+            w = np.flatnonzero((extra >= 0).all(axis=0) & (extra.sum(axis=0) <= grid.cells))
+            v, arg = _fold_layer(v, extra[:, w].sum(axis=0), cost[list(unit), a][:, w].sum(axis=0))
             args.append((w, arg))  # option w[arg[c]] at cell c (uint8 per cell keeps the trace small)
         results.append(v)
         acts.append((a, args))
@@ -151,12 +154,13 @@ def _fold_layer(value: np.ndarray, extra: np.ndarray, cost: np.ndarray) -> tuple
 def _backtrack(problem: Problem, grid: _Grid, trace: list) -> np.ndarray:
     choice = np.zeros(problem.shape[0], dtype=np.int64)
     c = grid.cells
-    for members, (best, acts) in zip(reversed(problem.groups), reversed(trace), strict=True):
+    for units, (best, acts) in zip(reversed(problem.group_units), reversed(trace), strict=True):
         a, args = acts[best[c]]
-        for i, (options, arg) in zip(reversed(members), reversed(args), strict=True):
+        for u, (options, arg) in zip(reversed(units), reversed(args), strict=True):
             w = int(options[arg[c]])
-            choice[i] = a * problem.shape[2] + w
-            c -= int(grid.extra[i, a, w])
+            for i in problem.units[u]:
+                choice[i] = a * problem.shape[2] + w
+                c -= int(grid.extra[i, a, w])
     return choice
 
 

@@ -5,7 +5,8 @@ scheme, every group the activation scheme with the smallest summed value: the ex
 sum cost + lambda * size over the (masked) space, computed with a few array operations. Its size falls as
 lambda grows, so bisection finds the smallest lambda within the budget; a greedy pass then spends the
 remaining slack on the upgrades with the best loss saved per unit of size. Trials use these functions to map
-a few knobs to a per-layer choice in well under a millisecond per call.
+a few knobs to a per-layer choice in well under a millisecond per call. Layers fused into one unit
+(`Problem.units`) are one item throughout: their values are summed and they move together.
 """
 
 from __future__ import annotations
@@ -27,17 +28,35 @@ def scale(problem: Problem) -> float:
 
 def solve(problem: Problem, lam: float, allowed: np.ndarray | None = None) -> np.ndarray:
     """The choice [L] minimizing sum cost + lam * size over `allowed` [L, A, W] (default: valid)."""
-    allowed = problem.valid if allowed is None else allowed
-    value = np.where(allowed, problem.cost + (lam / scale(problem)) * problem.size, BIG)  # [L, A, W]
+    allowed = problem.valid if allowed is None else problem.tie(allowed)
+    value = _values(problem, lam, allowed)  # [L, A, W]; per unit (summed) when layers are fused
     a = (problem.member @ value.min(axis=2)).argmin(axis=1)[problem.group_of]  # [L] each group's best act
-    rows = problem.rows
-    return a * problem.shape[2] + value[rows, a].argmin(axis=1)
+    if problem.fused:
+        unit_value = _unit_sum(problem, value)  # [U, A, W]
+        return a * problem.shape[2] + unit_value[problem.unit_of, a].argmin(axis=1)
+    return a * problem.shape[2] + value[problem.rows, a].argmin(axis=1)
 
 
 def group_values(problem: Problem, lam: float, allowed: np.ndarray) -> np.ndarray:
     """[G, A] the best summed value of each group under each activation scheme (>= BIG: impossible)."""
+    return problem.member @ _values(problem, lam, problem.tie(allowed)).min(axis=2)
+
+
+def _values(problem: Problem, lam: float, allowed: np.ndarray) -> np.ndarray:
+    """cost + lam * size where allowed (else BIG), [L, A, W]; with fused units, each unit's summed value is put
+    on its first member and 0 on the others, so sums over layers stay right and a minimum is the unit's."""
     value = np.where(allowed, problem.cost + (lam / scale(problem)) * problem.size, BIG)
-    return problem.member @ value.min(axis=2)
+    if not problem.fused:
+        return value
+    first = np.array([u[0] for u in problem.units])
+    out = np.where(allowed, 0.0, BIG)
+    out[first] = _unit_sum(problem, value)
+    return out
+
+
+def _unit_sum(problem: Problem, array: np.ndarray) -> np.ndarray:
+    """[U, ...] sums of `array` [L, ...] over each unit's members."""
+    return (problem.unit_member @ array.reshape(len(array), -1)).reshape(len(problem.units), *array.shape[1:])
 
 
 def fit(problem: Problem, lam: float, allowed: np.ndarray | None = None) -> np.ndarray | None:
@@ -70,35 +89,53 @@ def _bisect(problem: Problem, lo: float, allowed: np.ndarray) -> np.ndarray | No
 
 def fill(problem: Problem, choice: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Greedy upgrades (same activation scheme) with the most loss saved per unit size that still fit."""
-    choice = choice.copy()
-    rows = np.arange(len(choice))
-    acts = choice // problem.shape[2]
-    cost, size, ok = problem.cost[rows, acts], problem.size[rows, acts], allowed[rows, acts]  # [L, W]
+    choice, (cost, size, ok, first) = choice.copy(), _unit_options(problem, choice, allowed)
     while True:
         slack = problem.limit - problem.total_size(choice)
-        cur_c, cur_s = problem.take(problem.cost, choice)[:, None], problem.take(problem.size, choice)[:, None]
+        cur_c = cost[_rows(cost), choice[first] % problem.shape[2]][:, None]
+        cur_s = size[_rows(size), choice[first] % problem.shape[2]][:, None]
         gain = np.where(ok & (cost < cur_c) & (size - cur_s <= slack), (cur_c - cost) / np.maximum(size - cur_s, 1),
                         -1.0)
-        i, w = np.unravel_index(gain.argmax(), gain.shape)
-        if gain[i, w] <= 0:
+        u, w = np.unravel_index(gain.argmax(), gain.shape)
+        if gain[u, w] <= 0:
             return choice
-        choice[i] = acts[i] * problem.shape[2] + w
+        _move(problem, choice, u, w)
 
 
 def shrink(problem: Problem, choice: np.ndarray, allowed: np.ndarray) -> np.ndarray | None:
     """Greedy downgrades (same activation scheme) losing the least per unit size saved, until within budget."""
-    choice = choice.copy()
+    choice, (cost, size, ok, first) = choice.copy(), _unit_options(problem, choice, allowed)
+    while problem.total_size(choice) > problem.limit:
+        cur_c = cost[_rows(cost), choice[first] % problem.shape[2]][:, None]
+        cur_s = size[_rows(size), choice[first] % problem.shape[2]][:, None]
+        loss = np.where(ok & (size < cur_s), (cost - cur_c) / np.maximum(cur_s - size, 1), np.inf)
+        u, w = np.unravel_index(loss.argmin(), loss.shape)
+        if not np.isfinite(loss[u, w]):
+            return None
+        _move(problem, choice, u, w)
+    return choice
+
+
+def _unit_options(problem: Problem, choice: np.ndarray, allowed: np.ndarray):
+    """Per unit (a layer, or layers fused into one) under its current activation scheme: cost, size and allowed
+    [U, W] over the weight schemes, and each unit's first layer [U]."""
     rows = np.arange(len(choice))
     acts = choice // problem.shape[2]
-    cost, size, ok = problem.cost[rows, acts], problem.size[rows, acts], allowed[rows, acts]
-    while problem.total_size(choice) > problem.limit:
-        cur_c, cur_s = problem.take(problem.cost, choice)[:, None], problem.take(problem.size, choice)[:, None]
-        loss = np.where(ok & (size < cur_s), (cost - cur_c) / np.maximum(cur_s - size, 1), np.inf)
-        i, w = np.unravel_index(loss.argmin(), loss.shape)
-        if not np.isfinite(loss[i, w]):
-            return None
-        choice[i] = acts[i] * problem.shape[2] + w
-    return choice
+    cost, size, ok = problem.cost[rows, acts], problem.size[rows, acts], problem.tie(allowed)[rows, acts]  # [L, W]
+    first = np.array([u[0] for u in problem.units])
+    if not problem.fused:
+        return cost, size, ok, first
+    blocked = _unit_sum(problem, (~ok).astype(np.float64)) > 0
+    return _unit_sum(problem, cost), _unit_sum(problem, size).astype(np.int64), ~blocked, first
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    return np.arange(array.shape[0])
+
+
+def _move(problem: Problem, choice: np.ndarray, u: int, w: int) -> None:
+    for i in problem.units[u]:
+        choice[i] = choice[i] // problem.shape[2] * problem.shape[2] + w
 
 
 def cap_dynamic(problem: Problem, lam: float, allowed: np.ndarray, acts: np.ndarray | None = None) -> np.ndarray:

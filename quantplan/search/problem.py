@@ -5,6 +5,9 @@ predicts a loss increase `cost[i, a, w]` = weight cost + activation cost (nats/t
 and stores `size[i, a, w]` in the budget's unit (`bits[i, a, w]` exactly). A choice for the whole model is one
 flat index `a * W + w` per layer, and `choices[a * W + w]` is that `LayerScheme`. Layers fed by the same norm
 form a group and share one activation scheme; skipped layers stay w16:a16 (and still count in the budget).
+With fused groups (`SearchSpace.fused`), the layers a server fuses into one (q/k/v, gate/up) form a unit that
+takes one scheme: `units` partitions the layers (singletons otherwise), every unit lies inside one group, and
+`valid` is the same on all members of a unit.
 
 Schemes are objects from here on: the table's scheme names are parsed once, when the problem is compiled, and
 names appear again only where search writes them (plan JSON, the study's trials, Optuna's categorical choices).
@@ -23,6 +26,7 @@ from quantplan.errors import QuantPlanError
 from quantplan.quant.costs import LayerSensitivity, TableError, TableInfo
 from quantplan.quant.plan import LayerSpec, ModelRef, Plan, weight_cost
 from quantplan.quant.schemes import UNQUANTIZED, ActScheme, LayerScheme, WeightScheme
+from quantplan.quant.targets import CT_TARGET, ct_layer_reason, fused_groups
 from quantplan.search.budget import Budget
 from quantplan.search.space import ACTS, SearchSpace, layer_type
 
@@ -86,14 +90,19 @@ class Problem:
     skipped: np.ndarray  # [L] bool
     limit: int  # largest total size within the budget
     params: int
+    units: tuple[tuple[int, ...], ...] = ()  # layers taking one scheme together; () means one unit per layer
     group_of: np.ndarray = field(init=False)  # [L] group index
     member: np.ndarray = field(init=False)  # [G, L] 0/1: sums per group by matrix product
     rows: np.ndarray = field(init=False)  # [L] arange, for fancy indexing
     choices: tuple[LayerScheme, ...] = field(init=False)  # [A * W] the scheme of each flat index
     index: dict[LayerScheme, int] = field(init=False)  # scheme -> its flat index
     named: dict[str, LayerScheme] = field(init=False)  # canonical name -> scheme (reading stored plans)
+    unit_of: np.ndarray = field(init=False)  # [L] unit index
+    unit_member: np.ndarray = field(init=False)  # [U, L] 0/1
+    group_units: tuple[tuple[int, ...], ...] = field(init=False)  # per group, its units in order
 
     def __post_init__(self) -> None:
+        self._init_units()
         group_of = np.zeros(len(self.names), dtype=np.int64)
         for g, members in enumerate(self.groups):
             group_of[list(members)] = g
@@ -106,6 +115,36 @@ class Problem:
         object.__setattr__(self, "choices", choices)
         object.__setattr__(self, "index", {s: k for k, s in enumerate(choices)})
         object.__setattr__(self, "named", {str(s): s for s in choices})
+
+    def _init_units(self) -> None:
+        units = self.units or tuple((i,) for i in range(len(self.table.layers)))
+        unit_of = np.zeros(len(self.table.layers), dtype=np.int64)
+        for u, members in enumerate(units):
+            unit_of[list(members)] = u
+        unit_member = np.zeros((len(units), len(unit_of)))
+        unit_member[unit_of, np.arange(len(unit_of))] = 1.0
+        group_units = tuple(tuple(dict.fromkeys(int(unit_of[i]) for i in members)) for members in self.groups)
+        for name, value in (("units", units), ("unit_of", unit_of), ("unit_member", unit_member),
+                            ("group_units", group_units)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def fused(self) -> bool:
+        """Some unit holds more than one layer."""
+        return len(self.units) < len(self.table.layers)
+
+    def tie(self, allowed: np.ndarray) -> np.ndarray:
+        """`allowed` [L, A, W] with each unit kept to the options all its members allow (a unit left with none
+        gets its valid options back)."""
+        if not self.fused:
+            return allowed
+        out = allowed.copy()
+        for members in self.units:
+            if len(members) > 1:
+                idx = list(members)
+                shared = allowed[idx].all(axis=0)
+                out[idx] = shared if shared.any() else self.valid[idx[0]]
+        return out
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -215,12 +254,20 @@ def compile_problem(
         raise QuantPlanError(f"--skip {space.skip!r} matches every layer: nothing is left to search")
     groups, keys = _groups(table.layers, skipped)
     valid, cost, bits = _arrays(table.layers, weights, acts, weight_acts, space, skipped)
+    if space.target == CT_TARGET:
+        _restrict_target(valid, table.layers, weights, acts, skipped)
+    units: tuple[tuple[int, ...], ...] = ()
+    if space.fused:
+        units = _fused_units(table, skipped)
+        groups, keys = _merge_groups(groups, keys, units)
     restrict_groups(valid, groups)
+    for members in units:
+        valid[list(members)] &= valid[list(members)].all(axis=0)
     _check_choices(table.layers, valid, weights)
     params = sum(layer.params for layer in table.layers)
     size = bits if budget.unit == "bits" else -(-bits // 8)
     problem = Problem(table, space, budget, weights, acts, groups, keys, valid, cost, bits, size, skipped,
-                      budget.limit(params), params)
+                      budget.limit(params), params, units)
     smallest = problem.min_size()
     if smallest > problem.limit:
         raise budget.infeasible(smallest, params)
@@ -308,6 +355,48 @@ def _served(weight: WeightScheme, acts: tuple[ActScheme, ...],
     if skipped:
         return {acts.index(UNQUANTIZED.act)} if weight == UNQUANTIZED.weight else set()
     return {acts.index(a) for a in weight_acts.get(weight, ())}
+
+
+def _restrict_target(valid: np.ndarray, layers: Sequence[LayerSensitivity], weights: tuple[WeightScheme, ...],
+                     acts: tuple[ActScheme, ...], skipped: np.ndarray) -> None:
+    """Keep to the schemes compressed-tensors expresses on each layer (its K; equalizations only where a norm feeds
+    the layer, which the space already requires)."""
+    for i, layer in enumerate(layers):
+        if skipped[i]:
+            continue
+        for a, act in enumerate(acts):
+            for w, weight in enumerate(weights):
+                if valid[i, a, w] and ct_layer_reason(LayerScheme(weight, act), layer.shape[1]):
+                    valid[i, a, w] = False
+
+
+def _fused_units(table: TableInfo, skipped: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """One unit per fused set of searched layers (from the model type the table records), singletons for the rest."""
+    index = {layer.name: i for i, layer in enumerate(table.layers)}
+    searched = [layer.name for i, layer in enumerate(table.layers) if not skipped[i]]
+    fused = [tuple(index[n] for n in g) for g in fused_groups(searched, table.model.get("model_type"))]
+    taken = {i for g in fused for i in g}
+    return tuple(sorted([*fused, *((i,) for i in range(len(table.layers)) if i not in taken)]))
+
+
+def _merge_groups(groups: tuple[tuple[int, ...], ...], keys: tuple[str, ...], units: Sequence[Sequence[int]],
+                  ) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    """Groups joined wherever one unit spans several (a fused layer takes one activation scheme too)."""
+    parent = list(range(len(groups)))
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+
+    def root(g: int) -> int:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    for members in units:
+        for i in members[1:]:
+            parent[root(group_of[i])] = root(group_of[members[0]])
+    merged: dict[int, list[int]] = {}
+    for g in range(len(groups)):
+        merged.setdefault(root(g), []).extend(groups[g])
+    return tuple(tuple(sorted(m)) for m in merged.values()), tuple(keys[g] for g in merged)
 
 
 def restrict_groups(valid: np.ndarray, groups: Sequence[Sequence[int]]) -> None:

@@ -4,7 +4,8 @@ The proxy ranks whole plans well where the table was calibrated on the model's o
 (a 260K-parameter story model on WikiText-2) two plans with the same predicted loss can differ by 1% in
 perplexity, and the measured stage is the only judge. This module moves one coordinate at a time from a
 starting plan: a group's activation scheme (its members keep their weights) or a layer's weight scheme (its
-group keeps its activation), only to choices of the search space, within the budget and the a8-dynamic cap.
+group keeps its activation; layers fused into one unit move together), only to choices of the search space,
+within the budget and the a8-dynamic cap.
 The caller measures (`Measure`: candidates in, scores out, lower is better, e.g. perplexity on a selection
 slice kept apart from the reported tokens); this module sees numbers only.
 
@@ -98,15 +99,16 @@ def _act_moves(problem: Problem, choice: np.ndarray, acts: np.ndarray, weights: 
 
 def _weight_moves(problem: Problem, choice: np.ndarray, acts: np.ndarray, weights: np.ndarray) -> list[Move]:
     out = []
-    for i, name in enumerate(problem.names):
+    for unit in problem.units:  # a layer, or the layers fused into one (they move together)
+        i, name = unit[0], problem.names[unit[0]]
         seen = {_quantizer(problem, i, int(weights[i]))}
         for w in range(problem.shape[2]):
             quantizer = _quantizer(problem, i, w)
-            if quantizer in seen or not problem.valid[i, acts[i], w]:
+            if quantizer in seen or not problem.valid[list(unit), acts[i], w].all():
                 continue
             seen.add(quantizer)
             moved = choice.copy()
-            moved[i] = acts[i] * problem.shape[2] + w
+            moved[list(unit)] = acts[i] * problem.shape[2] + w
             out.append(Move("weight", name, problem.weights[weights[i]], problem.weights[w], moved))
     return out
 

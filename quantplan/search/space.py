@@ -21,6 +21,7 @@ from quantplan.errors import QuantPlanError, SchemeError
 from quantplan.quant.costs import LayerSensitivity
 from quantplan.quant.kernels.served import served_act_bits
 from quantplan.quant.schemes import GROUP_SIZES, PER_CHANNEL, ActNames, ActScheme, WeightScheme
+from quantplan.quant.targets import CT_TARGET, TARGETS
 
 # a16, a8-static, a8-dynamic, a8-lae, a8-smooth, then any registered strategy: a live tuple of names
 ACTS: ActNames = ActNames()
@@ -100,8 +101,12 @@ class SearchSpace:
     weights: tuple[str, ...] | None = None  # restrict the weight schemes to these (canonical names)
     skip: str | None = None  # regex (re.search) of module names kept at w16:a16
     max_dynamic_share: float | None = None  # at most this share of searched layers use a8-dynamic
+    target: str = "quantplan"  # deployment format: "compressed-tensors" keeps to the schemes it expresses
+    fused_groups: bool | None = None  # layers a server fuses (q/k/v, gate/up) share one scheme; None: per target
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise SearchError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.act_bits not in (None, 8, 16):
             raise SearchError(f"--act-bits must be 8 or 16, got {self.act_bits}")
         if self.symmetry not in SYMMETRY:
@@ -156,6 +161,11 @@ class SearchSpace:
         return tuple(ActScheme(a) for a in ACTS
                      if self._act_ok(a) and ACT_REQUIREMENTS.get(a, lambda _l: True)(layer))
 
+    @property
+    def fused(self) -> bool:
+        """Whether fused layers share one scheme: `fused_groups`, by default on for compressed-tensors."""
+        return self.target == CT_TARGET if self.fused_groups is None else self.fused_groups
+
     def skipped(self, name: str) -> bool:
         return self.skip is not None and re.search(self.skip, name) is not None
 
@@ -167,4 +177,7 @@ class SearchSpace:
             "weights": list(self.weights) if self.weights is not None else None,
             "skip": self.skip,
             "max_dynamic_share": self.max_dynamic_share,
+            # only when set: the studies stored before these knobs keep their configuration
+            **({"target": self.target} if self.target != "quantplan" else {}),
+            **({"fused_groups": self.fused_groups} if self.fused_groups is not None else {}),
         }

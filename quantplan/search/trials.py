@@ -141,17 +141,18 @@ class PerLayer:
     def __init__(self, problem: Problem) -> None:
         self.problem = problem
         acts = [np.flatnonzero(problem.group_acts(g)) for g in range(len(problem.groups))]
-        weights = [np.flatnonzero(v.any(axis=0)) for v in problem.valid]
+        weights = [np.flatnonzero(problem.valid[list(u)].any(axis=1).all(axis=0)) for u in problem.units]
         # (Optuna parameter, its choices by name, the index of each choice): names only at the Optuna boundary
         self.act_params = [(f"a:{key}", [str(problem.acts[a]) for a in idx], idx.tolist())
                            for key, idx in zip(problem.group_keys, acts, strict=True)]
-        self.weight_params = [(f"w:{name}", [str(problem.weights[w]) for w in idx], idx.tolist())
-                              for name, idx in zip(problem.names, weights, strict=True)]
+        # one per unit: a layer, or the layers fused into one (named by the first)
+        self.weight_params = [(f"w:{problem.names[u[0]]}", [str(problem.weights[w]) for w in idx], idx.tolist())
+                              for u, idx in zip(problem.units, weights, strict=True)]
 
     def suggest(self, trial: Any) -> np.ndarray:
         p = self.problem
         acts = self._cap(np.array([self._pick(trial, *param) for param in self.act_params]))
-        weights = [self._pick(trial, *param) for param in self.weight_params]
+        weights = np.array([self._pick(trial, *param) for param in self.weight_params])[p.unit_of]
         a_l = acts[p.group_of]
         choice = np.array([a * p.shape[2] + self._nearest(i, a, w) for i, (a, w) in enumerate(zip(a_l, weights,
                                                                                                  strict=True))])

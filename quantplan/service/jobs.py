@@ -44,6 +44,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "seed": 0,
     "workers": 1,
     "dtype": "float32",
+    "target": "quantplan",  # the deployment format the plans must export to (`--target`)
 })
 SELECT = ("kl", "perplexity")
 PRINTABLE = r"^[^\x00-\x1f\x7f]*$"  # strings: no NUL or other control characters (they end up in paths and logs)
@@ -100,6 +101,11 @@ class JobSpec(BaseModel):
     seed: int = Field(DEFAULTS["seed"], ge=0, le=2**31 - 1)
     workers: int = Field(DEFAULTS["workers"], ge=1, le=1024)
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = DEFAULTS["dtype"]
+    target: Literal["quantplan", "compressed-tensors"] = Field(
+        DEFAULTS["target"], description="Deployment format: compressed-tensors (vLLM) keeps the search to the schemes "
+        "that format expresses, fused layers (q/k/v, gate/up) sharing one scheme.")
+    fused_groups: bool | None = Field(None, description="Layers a server fuses share one scheme (default: on for "
+                                      "target compressed-tensors).")
 
     @field_validator("data", "eval_data", "select_data")
     @classmethod
@@ -160,7 +166,8 @@ class JobSpec(BaseModel):
 
         weights = tuple(self.weights) if self.weights is not None else None
         return SearchSpace(act_bits=self.act_bits, symmetry=self.symmetry, low_bits=self.low_bits, weights=weights,
-                           skip=self.skip, max_dynamic_share=self.max_dynamic_share)
+                           skip=self.skip, max_dynamic_share=self.max_dynamic_share, target=self.target,
+                           fused_groups=self.fused_groups)
 
 
 def _as_value_error(check: Any, *args: Any) -> Any:

@@ -62,6 +62,10 @@ BudgetMbOpt = Annotated[float | None, _Opt("--budget-mb", help="Bytes of the qua
 EvalDataOpt = Annotated[str | None, _Opt("--eval-data", help="Held-out data (default: --data, test split).")]
 ActBitsOpt = Annotated[int | None, _Opt("--act-bits", show_default=str(DEFAULTS["act_bits"]),
                                        help="8 (W4A8/W8A8) or 16 (weight-only).")]
+TargetOpt = Annotated[str | None, _Opt("--target", show_default=str(DEFAULTS["target"]), help="quantplan | "
+                                      "compressed-tensors: plans that format expresses (vLLM).")]
+FusedGroupsOpt = Annotated[bool | None, _Opt("--fused-groups/--no-fused-groups", help="q/k/v and gate/up share one "
+                                             "scheme (default: on for --target compressed-tensors).")]
 TrialsOpt = Annotated[int | None, _Opt("--trials", min=0, show_default=str(DEFAULTS["trials"]), help="Optuna trials.")]
 EvalTopOpt = Annotated[int | None, _Opt("--eval-top", min=0, show_default=str(DEFAULTS["eval_top"]),
                                         help="Measure the K best Pareto plans and the baselines.")]
@@ -104,6 +108,8 @@ def run_command(
     trials: TrialsOpt = None,
     eval_top: EvalTopOpt = None,
     materialize_top: MaterializeTopOpt = None,
+    target: TargetOpt = None,
+    fused_groups: FusedGroupsOpt = None,
     samples: SamplesOpt = None,
     seq_len: SeqLenOpt = None,
     eval_samples: EvalSamplesOpt = None,

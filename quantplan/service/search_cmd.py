@@ -97,6 +97,10 @@ def search_command(
                                             "QUANTPLAN_RAY_ADDRESS); default local.")] = None,
     seed: Annotated[int, _Opt("--seed", help="Calibration sampling and sampler seed.")] = D["seed"],
     dtype: Annotated[str, _Opt("--dtype", help="float32 | float16 | bfloat16 | auto")] = D["dtype"],
+    target: Annotated[str, _Opt("--target", help="quantplan | compressed-tensors: search only what that format "
+                                "expresses (vLLM; fused layers share one scheme).")] = D["target"],
+    fused_groups: Annotated[bool | None, _Opt("--fused-groups/--no-fused-groups", help="q/k/v and gate/up share one "
+                                              "scheme (default: on for --target compressed-tensors).")] = None,
     json_out: Annotated[bool, _Opt("--json", help="Print one JSON document on stdout instead of a table.")] = False,
 ) -> None:
     """Search mixed-precision plans under a memory budget: exact knapsack, Optuna study, measured re-scoring."""

@@ -15,7 +15,6 @@ origin. Reads follow the API's rule: open unless `QUANTPLAN_AUTH_READS`, then th
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -29,7 +28,9 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from quantplan.errors import QuantPlanError
+from quantplan.service.access import User, find_user, public_job, public_plan
 from quantplan.service.client import SHA_HEADER
+from quantplan.service.confine import confine
 from quantplan.service.jobs import JobSpec
 from quantplan.service.views import FINAL, job_view, plan_view, step_line
 from quantplan.service.webplan import artifact_kind, cost_by_scheme, export_formats, heatmap
@@ -61,23 +62,30 @@ class Page:
 
     def __init__(self, services: Any, request: Request) -> None:
         self.services, self.request = services, request
-        self.user = _token_user(services.tokens, request.cookies.get(COOKIE))
+        self.signed_in: User | None = find_user(services.principals, request.cookies.get(COOKIE))
+        self.user = None if self.signed_in is None else self.signed_in.name
 
     def readable(self) -> bool:
-        return self.user is not None or not self.services.settings.auth_reads
+        return self.signed_in is not None or not self.services.settings.auth_reads
+
+    def job(self, job: Any) -> dict[str, Any]:
+        """A job as this reader may see it: anonymous readers get the API's public view (no spec paths, error
+        text or submitter)."""
+        view = job_view(job)
+        return view if self.signed_in is not None else public_job(view)
+
+    def plan(self, plan: Any, *, full: bool = False) -> dict[str, Any]:
+        view = plan_view(plan, full=full)
+        return view if self.signed_in is not None else public_plan(view)
+
+    def may_cancel(self, job: Mapping[str, Any]) -> bool:
+        return self.signed_in is not None and self.signed_in.owns(job.get("submitter"))
 
     def render(self, name: str, status: int = 200, **context: Any) -> Response:
         if not self.readable():
             return RedirectResponse(f"/login?next={self.request.url.path}", status_code=303)
         html = templates.get_template(name).render(user=self.user, path=self.request.url.path, **context)
         return HTMLResponse(html, status_code=status)
-
-
-def _token_user(tokens: Mapping[str, str], token: str | None) -> str | None:
-    for known, name in tokens.items():
-        if token and hmac.compare_digest(token.encode(), known.encode()):
-            return name
-    return None
 
 
 def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page keeps the services in scope
@@ -101,7 +109,7 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
                                      pareto_only=q["pareto_only"], distinct=q["distinct"], limit=MAX_PLANS)
         except NotFoundError as e:
             return page.render("error.html", 404, message=str(e))
-        views = [plan_view(p) for p in board.plans]
+        views = [page.plan(p) for p in board.plans]
         if q["format"]:
             kind = artifact_kind(q["format"])
             views = [v for v in views if any(a["kind"] == kind for a in v["artifacts"])]
@@ -118,7 +126,7 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
     def plan(request: Request, plan_id: int) -> Response:
         page = Page(services, request)
         try:
-            view = plan_view(repo.get_plan(plan_id), full=True)
+            view = page.plan(repo.get_plan(plan_id), full=True)
         except NotFoundError as e:
             return page.render("error.html", 404, message=str(e))
         model = repo.get_model(view["model_id"])
@@ -156,32 +164,37 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
     @router.post("/jobs", response_class=HTMLResponse)
     async def submit(request: Request) -> Response:
         page = Page(services, request)
-        if page.user is None:
+        if page.signed_in is None:
             return _unauthorized()
         form = _form(await request.body())
-        try:
-            spec = JobSpec.parse(_spec_from_form(form))
+        try:  # the API's checks: the spec, then the server's model and data roots (service.confine)
+            spec = confine(JobSpec.parse(_spec_from_form(form)), services.settings)
         except (QuantPlanError, ValueError) as e:
             return _jobs_page(page, repo, error=str(e), form=form, status=422)
-        job = repo.create_job(spec.to_json(), submitter=page.user)
+        job = repo.create_job(spec.to_json(), submitter=page.signed_in.name)
         return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
     def job(request: Request, job_id: int) -> Response:
         page = Page(services, request)
         try:
-            view = job_view(repo.get_job(job_id))
+            record = repo.get_job(job_id)
         except NotFoundError as e:
             return page.render("error.html", 404, message=str(e))
+        view = page.job(record)
         best = _best_values(repo, [view]).get(job_id)
-        plans = [plan_view(p) for p in repo.plans_for_job(job_id)]
+        plans = [page.plan(p) for p in repo.plans_for_job(job_id)]
         return page.render("job.html", job=view, step=step_line(view), best=best, plans=plans,
-                           running=view["status"] not in FINAL)
+                           running=view["status"] not in FINAL, may_cancel=page.may_cancel(job_view(record)))
 
     @router.post("/jobs/{job_id}/cancel")
     def cancel(request: Request, job_id: int) -> Response:
-        if Page(services, request).user is None:
+        page = Page(services, request)
+        if page.signed_in is None:
             return _unauthorized()
+        if not page.may_cancel(job_view(repo.get_job(job_id))):
+            return JSONResponse({"detail": f"job {job_id} belongs to another user; only its submitter or an admin "
+                                           "token may cancel it"}, status_code=403)
         repo.cancel_job(job_id)
         return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
@@ -193,7 +206,7 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
     async def login(request: Request) -> Response:
         form = _form(await request.body())
         token, target = form.get("token", ""), _local(form.get("next", "/"))
-        if _token_user(services.tokens, token) is None:
+        if find_user(services.principals, token) is None:
             return _login_page(request, target, "unknown token; use one the server was given (QUANTPLAN_API_TOKENS)")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
@@ -210,7 +223,7 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
 
 def _jobs_page(page: Page, repo: Any, *, error: str | None = None, form: Mapping[str, str] | None = None,
                status: int = 200) -> Response:
-    views = [job_view(j) for j in reversed(repo.list_jobs(limit=100))]
+    views = [page.job(j) for j in reversed(repo.list_jobs(limit=100))]
     return page.render("jobs.html", status, jobs=views, steps={j["id"]: step_line(j) for j in views},
                        best=_best_values(repo, views), error=error, form=form or {},
                        running=any(j["status"] not in FINAL for j in views))

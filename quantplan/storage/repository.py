@@ -664,8 +664,11 @@ class Repository:
         metrics: dict[int, list[MetricRecord]] = {i: [] for i in ids}
         artifacts: dict[int, list[ArtifactRecord]] = {i: [] for i in ids}
         if ids:
-            for m in s.scalars(select(MetricRow).where(MetricRow.plan_id.in_(ids)).order_by(MetricRow.id)):
-                metrics[m.plan_id].append(MetricRecord(m.name, m.dataset, m.value))
+            # plain rows, not ORM objects: a leaderboard page reads thousands of metrics
+            for plan_id, name, dataset, value in s.execute(
+                    select(MetricRow.plan_id, MetricRow.name, MetricRow.dataset, MetricRow.value)
+                    .where(MetricRow.plan_id.in_(ids)).order_by(MetricRow.id)):
+                metrics[plan_id].append(MetricRecord(name, dataset, value))
             for a in s.scalars(select(ArtifactRow).where(ArtifactRow.plan_id.in_(ids)).order_by(ArtifactRow.id)):
                 artifacts[a.plan_id].append(_record(ArtifactRecord, a))
         return [_record(PlanRecord, r, metrics=tuple(metrics[r.id]), artifacts=tuple(artifacts[r.id]))

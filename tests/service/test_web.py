@@ -63,7 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, demo_cache: Path, ray_local
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "QUANTPLAN_DATABASE_URL": settings.database_url, "QUANTPLAN_ARTIFACTS": settings.artifacts,
-           "QUANTPLAN_API_TOKENS": f"webtester={TOKEN}"}
+           "QUANTPLAN_API_TOKENS": f"webtester={TOKEN}", "QUANTPLAN_ALLOW_HUB": "1"}  # the form submits a hub id
     proc = subprocess.Popen([sys.executable, "-m", "quantplan.service.cli", "serve", "--port", str(port),
                              "--runners", "0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -285,6 +285,8 @@ def test_jobs_pages_and_the_submit_form_for_token_holders(browser: WebDriver, se
     assert httpx.post(f"{server['url']}/jobs", data={"model": "m", "data": "wikitext2"}).status_code == 401
     visit(browser, server, f"/jobs/{server['job']}", "job")
     assert browser.find_elements(By.CSS_SELECTOR, "#job-plans tbody tr a")
+    spec = browser.find_element(By.ID, "spec").text  # anonymous readers: no paths of the spec (service.access)
+    assert "budget_bits" in spec and server["model"] not in spec and "data" not in spec.split()
 
     visit(browser, server, "/login?next=/jobs")
     browser.find_element(By.ID, "token").send_keys(TOKEN)
@@ -299,9 +301,11 @@ def test_jobs_pages_and_the_submit_form_for_token_holders(browser: WebDriver, se
     browser.find_element(By.CSS_SELECTOR, "form#submit button").click()
     WebDriverWait(browser, WAIT).until(ec.url_matches(r"/jobs/\d+$"))
     job_id = int(browser.current_url.rsplit("/", 1)[1])
-    assert httpx.get(f"{server['url']}/v1/jobs/{job_id}").json()["submitter"] == "webtester"
+    stored = httpx.get(f"{server['url']}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert stored["submitter"] == "webtester" and stored["spec"]["model"] == "org/some-model"
     assert browser.find_elements(By.ID, "refreshing")  # queued (no runner here): the page refreshes itself
     assert browser.find_element(By.CSS_SELECTOR, "meta[http-equiv=refresh]")
+    assert "webtester" in browser.find_element(By.ID, "job").text  # the submitter sees their own job whole
     browser.find_element(By.ID, "cancel").click()
     WebDriverWait(browser, WAIT).until(ec.text_to_be_present_in_element((By.TAG_NAME, "h1"), "cancelled"))
     browser.find_element(By.CSS_SELECTOR, "form[action='/logout'] button").click()
@@ -381,3 +385,27 @@ def test_server_render_time_is_reported(server: dict) -> None:
     r = httpx.get(server["url"] + board_path(server))
     assert r.status_code == 200 and time.perf_counter() - start < 5
     assert re.fullmatch(r"render;dur=[\d.]+", r.headers["server-timing"])
+
+
+def test_the_submit_form_confines_and_cancel_is_for_the_submitter_or_an_admin(tmp_path: Path) -> None:
+    tokens = {"alice": "alice-token-0123", "bob": "bob-token-0123456", "root": "root-token-012345"}
+    settings = load_settings(database_url=f"sqlite:///{tmp_path / 'q.db'}", artifacts=str(tmp_path / "a"),
+                             api_tokens=f"alice={tokens['alice']},bob={tokens['bob']},root={tokens['root']}:admin")
+    with TestClient(create_app(settings)) as c:
+        def sign_in(name: str) -> None:
+            assert c.post("/login", data={"token": tokens[name]}, follow_redirects=False).status_code == 303
+
+        sign_in("alice")
+        form = {"model": "org/some-model", "data": "wikitext2", "budget_bits": "4.25"}
+        r = c.post("/jobs", data=form)  # the hub is off on this server: refused as the API refuses it
+        assert r.status_code == 422 and "QUANTPLAN_ALLOW_HUB" in r.text
+        (tmp_path / "m").mkdir()
+        r = c.post("/jobs", data={**form, "model": str(tmp_path / "m")})  # no model roots: refused as well
+        assert r.status_code == 422 and c.get("/v1/jobs").json() == []
+        job_id = c.app.state.services.repo.create_job({"model": "org/m"}, submitter="alice").id  # alice's job
+        sign_in("bob")
+        assert 'id="cancel"' not in c.get(f"/jobs/{job_id}").text
+        assert c.post(f"/jobs/{job_id}/cancel").status_code == 403
+        sign_in("root")  # an admin may cancel any job
+        assert c.post(f"/jobs/{job_id}/cancel", follow_redirects=False).status_code == 303
+        assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"

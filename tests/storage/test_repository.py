@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -367,3 +368,16 @@ def test_unreachable_database_is_a_storage_error() -> None:
     with pytest.raises(StorageError, match="check the URL|reachable") as info:
         Repository("postgresql://nobody:secret@127.0.0.1:1/none")
     assert "secret" not in str(info.value)
+
+
+def test_model_summaries_count_plans_and_jobs_by_name(repo: Repository) -> None:
+    name = f"summary-model-{uuid.uuid4().hex[:8]}"
+    model = repo.upsert_model(name, uuid.uuid4().hex)
+    other_revision = repo.upsert_model(name, uuid.uuid4().hex, revision="r2")
+    jobs = [repo.create_job({"model": name}).id for _ in range(2)]
+    repo.add_plans(model.id, [_plan(1, metrics={"base_perplexity": 9.5}), _plan(2)], job_id=jobs[0])
+    repo.add_plans(other_revision.id, [_plan(3, metrics={"base_perplexity": 9.25})], job_id=jobs[1])
+    [summary] = [m for m in repo.model_summaries() if m.name == name]
+    assert (summary.plans, summary.jobs, summary.base_perplexity) == (3, 2, 9.25)
+    assert summary.model_ids == (model.id, other_revision.id)
+    assert repo.study_progress([f"job-{jobs[0]}"]) == {}  # no Optuna study of that name

@@ -38,3 +38,29 @@ def test_search_for_compressed_tensors_writes_an_exportable_plan(capsys, tmp_pat
         assert len({str(specs[n].scheme) for n in group}) == 1, group
     free, constrained = (runs[t]["knapsack"]["predicted_loss"] for t in ("quantplan", "compressed-tensors"))
     assert free <= constrained * (1 + 1e-9), "the target only takes choices away"
+
+
+@pytest.fixture(scope="module")
+def fused_report(stories_search, tmp_path_factory):
+    """test_quality's 4.25-bit W4A8 search with --target compressed-tensors (fused groups on)."""
+    from quantplan.quant.apply import layer_shapes
+    from quantplan.search.budget import Budget
+    from quantplan.search.space import SearchSpace
+    from quantplan.search.study import StudySettings
+    from quantplan.service.pipeline import SearchInputs, search_plans
+
+    s = stories_search
+    inputs = SearchInputs(s.net, s.table, s.calib_tokens, s.windows, layer_shapes(s.net))
+    settings = StudySettings(trials=80, storage=f"sqlite:///{tmp_path_factory.mktemp('db') / 'q.db'}")
+    return search_plans(inputs, Budget(avg_bits=4.25), SearchSpace(act_bits=8, target="compressed-tensors"),
+                        settings, eval_top=2, workers=2)
+
+
+@pytest.mark.parametrize("baseline", ["w4g128:a8-static", "fptq"])
+def test_fused_plan_still_beats_fixed_recipes(fused_report, baseline: str) -> None:
+    best, measured = fused_report.best, fused_report.measured
+    reference = next(c for c in fused_report.result.references if c.recipe == baseline)
+    assert best.under_budget and best.avg_bits <= 4.25 and best.bytes <= reference.bytes
+    assert measured[best.label]["perplexity"] < measured[baseline]["perplexity"]
+    assert measured[best.label]["kl"] < measured[baseline]["kl"]
+    print(f"\nfused best {best.label}: {measured[best.label]} vs {baseline}: {measured[baseline]}")

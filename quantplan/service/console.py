@@ -50,11 +50,12 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]],
     for c in columns:
         t.add_column(c, justify="left" if c in ("scheme", "plan", "model", "data", "layer") else "right")
     for row in rows:
-        t.add_row(*(_fmt(row.get(c), formats.get(c, "")) for c in columns))
+        t.add_row(*(fmt_value(row.get(c), formats.get(c, "")) for c in columns))
     return t
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt_value(value: Any, spec: str) -> str:
+    """A table cell: "-" for None, numbers with their format spec."""
     if value is None:
         return "-"
     return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -213,6 +214,9 @@ def leaderboard_command(
     distinct: Annotated[bool, _Opt("--distinct", help="A plan several jobs stored is listed once.")] = False,
     limit: Annotated[int, _Opt("--limit", min=1, max=1000)] = 20,
     offset: Annotated[int, _Opt("--offset", min=0)] = 0,
+    columns: Annotated[str | None, _Opt("--columns", help="Columns to show, comma-separated: id, job, label, "
+                                        "avg_bits, bytes, act, pred_loss, ppl, kl, pareto, artifact (default: "
+                                        "all that fit the terminal's width).")] = None,
     server: Annotated[str | None, _Opt("--server", envvar="QUANTPLAN_SERVER", help="Query this QuantPlan "
                                        "server instead of the local database.")] = None,
     token: Annotated[str | None, _Opt("--token", envvar="QUANTPLAN_TOKEN", help="Bearer token for --server.")]
@@ -221,6 +225,9 @@ def leaderboard_command(
     json_out: JsonOpt = False,
 ) -> None:
     """The best stored plans of a model: filtered, sorted, paged."""
+    from quantplan.service.plan_table import parse_columns
+
+    shown = parse_columns(columns)
     query = {"model": model, "max_avg_bits": max_bits, "max_bytes": max_bytes, "act_bits": act_bits, "sort": sort,
              "order": order, "dataset": dataset, "pareto_only": pareto_only, "limit": limit, "offset": offset,
              "distinct": distinct}
@@ -231,17 +238,20 @@ def leaderboard_command(
     else:
         repo, _ = open_storage(db)
         view = leaderboard_view(model, repo.leaderboard(**query))
-    print_leaderboard(view, json_out)
+    print_leaderboard(view, json_out, shown)
 
 
-def print_leaderboard(view: dict[str, Any], json_out: bool = False) -> None:
+def print_leaderboard(view: dict[str, Any], json_out: bool = False, columns: Sequence[str] | None = None) -> None:
+    """The leaderboard page as JSON, or as a table fitted to the terminal's width (`service.plan_table`)."""
+    from quantplan.service.plan_table import plan_table
+
     if json_out:
         print_json(view)
         return
     shown = len(view["plans"])
     title = (f"{view['model']}: plans {view['offset'] + 1 if shown else 0}-{view['offset'] + shown} of "
              f"{view['total']}")
-    stdout.print(table_view(title, PLAN_COLUMNS, [plan_row(v) for v in view["plans"]], PLAN_FORMATS))
+    stdout.print(plan_table(title, [plan_row(v) for v in view["plans"]], stdout.width, columns))
 
 
 def show_command(

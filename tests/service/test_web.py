@@ -9,6 +9,7 @@ nothing from another origin and labels its controls. Each page's screenshot is w
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -128,13 +129,14 @@ def assert_same_origin(driver: WebDriver, origin: str) -> None:
 
 
 def screenshot(driver: WebDriver, name: str) -> Path:
-    """The whole page as a PNG in test-artifacts/web/ (the window grows to the page's height for it)."""
+    """The whole page (beyond the window, through the DevTools protocol) as a PNG in test-artifacts/web/."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, min(max(height, 600), 4000))
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 6000), "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                             "clip": clip})
     path = ARTIFACTS / f"{name}.png"
-    assert driver.save_screenshot(str(path)), path
-    driver.set_window_size(1280, 900)
+    path.write_bytes(base64.b64decode(shot["data"]))
     return path
 
 

@@ -1,5 +1,7 @@
-"""Project settings (database URL, artifact location, Ray address, pool sizing, API tokens) and the database-URL
-helpers, read by storage, the search's Optuna study and the service alike (torch-free; imports no subpackage).
+"""Project settings (database URL, artifact location, Ray address, pool sizing, API tokens, the server's roots) and
+the database helpers (URLs; `schema_lock` and `retry_transient`, which make concurrent schema creation and short
+outages safe), read by storage, the search's Optuna study and the service alike (torch-free; imports no
+subpackage).
 
 Precedence, highest first: keyword arguments to `load_settings`, environment variables (`QUANTPLAN_*`),
 the TOML config file, the defaults. The config file is the path given to `load_settings`, else
@@ -9,16 +11,23 @@ names below (`database_url = "postgresql://..."`); an unknown key is an error, n
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import platformdirs
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.pool import NullPool
 
 from quantplan.errors import SettingsError
 
@@ -26,6 +35,14 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no file lock, the retries still apply
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("quantplan.settings")
+T = TypeVar("T")
 
 APP_NAME = "quantplan"
 CONFIG_ENV = "QUANTPLAN_CONFIG"
@@ -45,6 +62,77 @@ def safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return "<unparseable URL>"
+
+
+# the loser of a concurrent schema creation (Alembic's or Optuna's tables, PostgreSQL's catalog)
+ALREADY_EXISTS = ("already exists", "unique constraint failed: alembic_version", "duplicate key value")
+SCHEMA_LOCK_KEY = 0x5150_1A4E_0016  # the PostgreSQL advisory lock that serializes schema creation
+
+
+def transient(e: BaseException) -> bool:
+    """Whether `e`, or an error it was raised from, is a database outage (connection refused, lock or pool
+    timeout), or the loser of a concurrent schema creation: worth another try, never the caller's fault.
+    Our own errors say so with a true `transient` attribute (`storage.DatabaseUnavailableError`)."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if getattr(cause, "transient", False) is True:
+            return True
+        if isinstance(cause, (OperationalError, InterfaceError, PoolTimeoutError)):
+            return True
+        if isinstance(cause, (IntegrityError, ProgrammingError)) and any(
+                text in str(cause).lower() for text in ALREADY_EXISTS):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def retry_transient(action: Callable[[], T], what: str, *, tries: int = 6, first_wait: float = 0.2) -> T:
+    """`action()`, tried again after 0.2, 0.4, 0.8, ... s while it fails with a `transient` error."""
+    for attempt in range(tries):
+        try:
+            return action()
+        except Exception as e:
+            if attempt == tries - 1 or not transient(e):
+                raise
+            log.warning("%s: %s; trying again", what, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def schema_lock(url: str) -> Iterator[None]:
+    """Serialize schema creation (migrations, Optuna's tables) across processes: a PostgreSQL advisory lock, or an
+    exclusive lock on `<file>.lock` beside a SQLite file (an in-memory database needs none)."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() == "postgresql":
+        engine = create_engine(parsed, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                    conn.commit()
+        finally:
+            engine.dispose()
+        return
+    database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:") or fcntl is None:
+        yield
+        return
+    lock = Path(database).expanduser()
+    lock = lock.with_name(lock.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def user_data_dir() -> Path:

@@ -37,7 +37,7 @@ from quantplan.search import knapsack, recipes
 from quantplan.search.problem import Candidate, Problem
 from quantplan.search.space import SearchError
 from quantplan.search.trials import SPACES
-from quantplan.settings import load_settings, normalize_url, safe_url
+from quantplan.settings import load_settings, normalize_url, retry_transient, safe_url, schema_lock
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,31 @@ def _run_references(stored: optuna.Study, references: dict[str, Candidate]) -> i
     return ran
 
 
+_storages: dict[str, optuna.storages.RDBStorage] = {}  # one per database URL and process
+_storages_lock = threading.Lock()
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage of `url`, created once per process. Creating it creates Optuna's tables: concurrent
+    creators take turns under `schema_lock`, and one that loses a race or meets a short outage tries again."""
+    with _storages_lock:
+        if url not in _storages:
+            def create() -> optuna.storages.RDBStorage:
+                with schema_lock(url):
+                    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+
+            storage = retry_transient(create, f"opening the study database {safe_url(url)}")
+            _tune_sqlite(storage)
+            _storages[url] = storage
+        return _storages[url]
+
+
 def _open_study(url: str, name: str, config: dict[str, Any]) -> optuna.Study:
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
-        _tune_sqlite(storage)
-        study = optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS),
-                                    load_if_exists=True, sampler=optuna.samplers.RandomSampler())
+        storage = _storage(url)
+        study = retry_transient(lambda: optuna.create_study(
+            storage=storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True,
+            sampler=optuna.samplers.RandomSampler()), f"opening study {name!r}")
     except (ImportError, ValueError, OSError) as e:
         raise SearchError(f"cannot open the study database {safe_url(url)}: {e}; pass --db with a SQLAlchemy URL "
                           f"(e.g. sqlite:///quantplan.db) or set {DB_ENV}") from None

@@ -163,31 +163,52 @@ def runner_command(
     once: Annotated[bool, _Opt("--once", help="Run at most one queued job, then exit.")] = False,
     parent_pid: Annotated[int | None, _Opt("--parent-pid", hidden=True, help="Exit when this process is gone "
                                            "(set by `quantplan serve`).")] = None,
+    confined: Annotated[bool | None, _Opt("--confined/--unconfined", help="Check each job's model and data "
+                                          "against QUANTPLAN_MODEL_ROOTS/DATA_ROOTS and load safetensors only "
+                                          "(default: on when roots are set; `quantplan serve` turns it on).")]
+    = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Claim and run queued jobs until stopped (Ctrl-C / SIGTERM finish the current stage check and exit)."""
-    from quantplan.service.runner import Runner, RunnerConfig
+    """Claim and run queued jobs until stopped (Ctrl-C / SIGTERM: the running job goes back to the queue at its
+    next progress event, and the runner exits 0)."""
+    from quantplan.service.runner import Runner, RunnerConfig, datasets_scratch
 
     repo, store = open_storage(db, artifacts, ray_address)
-    config = RunnerConfig(heartbeat, stale_after, max_attempts, repo.settings.ray_address)
+    settings = repo.settings
+    if confined is None:
+        confined = bool(settings.roots("model") or settings.roots("data"))
+    config = RunnerConfig(heartbeat, stale_after, max_attempts, settings.ray_address, confined=confined)
     runner = Runner(repo, store, config=config)
-    if once:
-        job = runner.run_once()
-        if json_out:
-            print_json({"runner": runner.id, "job": None if job is None else job_view(job)})
-        else:
-            stderr.print("queue empty" if job is None else f"job {job.id} {job.status}", highlight=False)
-        return
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if parent_pid is not None:
-        threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True).start()
-    ran = runner.serve(stop, poll=poll, max_jobs=max_jobs)
+    with datasets_scratch():
+        if once:
+            job = runner.run_once()
+            if json_out:
+                print_json({"runner": runner.id, "job": None if job is None else job_view(job)})
+            else:
+                stderr.print("queue empty" if job is None else f"job {job.id} {job.status}", highlight=False)
+            return
+        stop = threading.Event()
+        _start_ray(settings.ray_address)  # before our handlers: ray.init installs its own SIGTERM handler
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        if parent_pid is not None:
+            threading.Thread(target=_exit_with_parent, args=(parent_pid, stop), daemon=True).start()
+        ran = runner.serve(stop, poll=poll, max_jobs=max_jobs)
     if json_out:
         print_json({"runner": runner.id, "jobs": ran})
     else:
         stderr.print(f"runner {runner.id} stopped after {ran} job(s)", highlight=False)
+
+
+def _start_ray(address: str | None) -> None:
+    """Start (or join) Ray now, so the signal handlers installed after it are ours (Ray's SIGTERM handler exits
+    at once, leaving the job claimed). A Ray that cannot be reached yet is joined by the first job instead."""
+    from quantplan.workers.tasks import RayError, init_ray
+
+    try:
+        init_ray(address)
+    except RayError as e:
+        log.warning("runner: %s; jobs will try again", e)
 
 
 def _exit_with_parent(pid: int, stop: threading.Event) -> None:

@@ -216,12 +216,12 @@ def serve_command(
     settings = load_cli_settings(db, artifacts, ray_address)
     if not settings.tokens():
         token = secrets.token_urlsafe(24)
-        settings = load_cli_settings(db, artifacts, ray_address, api_tokens=f"admin={token}")
+        settings = load_cli_settings(db, artifacts, ray_address, api_tokens=f"admin={token}:admin")
         stderr.print(f"no QUANTPLAN_API_TOKENS set: this server accepts writes with the generated token\n"
                      f"  export QUANTPLAN_TOKEN={token}", highlight=False)
     repo = Repository(settings=settings)  # migrates the schema once, before the runners start
     argv = [sys.executable, "-m", "quantplan.service.cli", "runner", "--heartbeat", str(heartbeat), "--stale-after",
-            str(stale_after), "--parent-pid", str(os.getpid())]
+            str(stale_after), "--parent-pid", str(os.getpid()), "--confined"]
     env = {"QUANTPLAN_DATABASE_URL": settings.database_url, "QUANTPLAN_ARTIFACTS": settings.artifacts}
     if settings.ray_address:  # through the environment: a database password stays out of `ps`
         env["QUANTPLAN_RAY_ADDRESS"] = settings.ray_address

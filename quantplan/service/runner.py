@@ -24,7 +24,11 @@ that dies stops heartbeating; any runner's `requeue_stale` puts the job back in 
 seconds (failed once it has used `max_attempts` claims). A cancel request is honoured at the next progress
 event (every few seconds of work) or stage boundary. Bad input (a spec that does not validate, a model that
 does not load, an infeasible budget) fails the job at once with the `QuantPlanError` message; any other error
-gives the job back for another attempt.
+gives the job back for another attempt. A transient database error (unreachable, lock timeout, a concurrent
+schema creation) and a runner told to stop (SIGTERM) give the job back without counting toward `max_attempts`.
+
+A confined runner (`RunnerConfig.confined`: the runners of `quantplan serve`) checks each job's model and data
+against the server's roots again when it starts the job, and loads safetensors weights only (`service.confine`).
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ from typing import TYPE_CHECKING
 
 from quantplan.errors import QuantPlanError
 from quantplan.progress import Listener, Progress, ProgressEvent, RichBars
+from quantplan.service.confine import HUB_ID, check_safetensors, confine
 from quantplan.service.jobs import JobSpec
 from quantplan.service.pipeline import RunOptions, SearchInputs, SearchReport, load_spec, search_stage, to_materialize
-from quantplan.storage import JobRecord, JobStateError, NewPlan, Repository
+from quantplan.storage import DatabaseUnavailableError, JobRecord, JobStateError, NewPlan, Repository, transient
 from quantplan.storage.artifacts import ArtifactStore
 from quantplan.storage.db import safe_url
 
@@ -73,6 +78,13 @@ class Lost(Exception):
     """The job is no longer ours (requeued after a stale heartbeat, or finished elsewhere)."""
 
 
+class Stopped(Exception):
+    """The runner was told to stop (SIGTERM, Ctrl-C): the job goes back to the queue for another runner."""
+
+
+UNCOUNTED = 2**31 - 1  # `max_attempts` of a release that must not fail the job (a stop, a database outage)
+
+
 def default_runner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -83,6 +95,7 @@ class RunnerConfig:
     stale_after: float = 120.0  # a running job without a heartbeat for this long is requeued
     max_attempts: int = 3  # claims before a job that keeps failing is marked failed
     ray_address: str | None = None
+    confined: bool = False  # a server's runner: model and data inside the roots, safetensors only
 
 
 class Runner:
@@ -97,6 +110,7 @@ class Runner:
         self.config = config or RunnerConfig(ray_address=repo.settings.ray_address)
         self.progress = progress  # rich bars on stderr
         self.listeners = tuple(listeners)  # more listeners of every job's progress (after the job record's)
+        self.stopping = threading.Event()  # set: the running job goes back to the queue at its next check
 
     # ------------------------------------------------------------------ loop
 
@@ -121,6 +135,7 @@ class Runner:
     def serve(self, stop: threading.Event, *, poll: float = 2.0, max_jobs: int | None = None) -> int:
         """Run jobs until `stop` is set (or `max_jobs` ran); returns how many ran. Storage outages are retried."""
         done = 0
+        self.stopping = stop
         log.info("runner %s: polling %s every %.1f s", self.id, safe_url(self.repo.db.url), poll)
         while not stop.is_set() and (max_jobs is None or done < max_jobs):
             try:
@@ -139,7 +154,7 @@ class Runner:
     def execute(self, job: JobRecord) -> JobRecord:
         """Run a job this runner has claimed, to succeeded, failed, cancelled or requeued."""
         log.info("job %d: attempt %d, resuming at %s", job.id, job.attempts, job.stage or "the start")
-        with _Heartbeat(self.repo, job.id, self.id, self.config.heartbeat_interval) as beat:
+        with _Heartbeat(self.repo, job.id, self.id, self.config.heartbeat_interval, self.stopping) as beat:
             try:
                 JobRun(self, job, beat).run()
             except Cancelled:
@@ -148,30 +163,53 @@ class Runner:
             except (Lost, JobStateError):
                 log.warning("job %d: lost to another runner or requeued; dropping it", job.id)
                 return self.repo.get_job(job.id)
-            except QuantPlanError as e:
-                log.error("job %d failed: %s", job.id, e)
-                error = str(e)
-                return self._end(job.id, lambda: self.repo.fail_job(job.id, self.id, error))
-            except Exception as e:  # a crash of ours or of a worker: another attempt may succeed
-                log.exception("job %d: %s", job.id, e)
-                message = f"{type(e).__name__}: {e}"
-                return self._end(job.id, lambda: self.repo.release_job(job.id, self.id, message,
-                                                                       max_attempts=self.config.max_attempts))
+            except Stopped:
+                log.warning("job %d: runner stopping; the job goes back to the queue", job.id)
+                return self._release(job.id, "the runner was stopped; another runner resumes the job", UNCOUNTED)
+            except Exception as e:
+                return self._failed(job, e)
         log.info("job %d succeeded", job.id)
         return self._end(job.id, lambda: self.repo.finish_job(job.id, self.id))
 
-    def _end(self, job_id: int, end: Callable[[], JobRecord]) -> JobRecord:
-        try:
-            return end()
-        except JobStateError:  # requeued or finished elsewhere meanwhile
-            return self.repo.get_job(job_id)
+    def _failed(self, job: JobRecord, e: Exception) -> JobRecord:
+        """Bad input fails the job; a database outage releases it uncounted; any other crash (of ours or of a
+        worker) releases it for another attempt."""
+        if transient(e):
+            log.warning("job %d: transient database error, released for another attempt: %s", job.id, e)
+            return self._release(job.id, "a database error interrupted the job; it is retried", UNCOUNTED)
+        if isinstance(e, QuantPlanError):
+            log.error("job %d failed: %s", job.id, e)
+            error = str(e)
+            return self._end(job.id, lambda: self.repo.fail_job(job.id, self.id, error))
+        log.exception("job %d: %s", job.id, e)
+        return self._release(job.id, f"{type(e).__name__}: {e}", self.config.max_attempts)
+
+    def _release(self, job_id: int, message: str, max_attempts: int) -> JobRecord:
+        return self._end(job_id, lambda: self.repo.release_job(job_id, self.id, message, max_attempts=max_attempts))
+
+    def _end(self, job_id: int, end: Callable[[], JobRecord], tries: int = 6) -> JobRecord:
+        """`end()`, retried with backoff (1, 2, 4, ... s) while the database is unreachable; after that the
+        job's heartbeat has stopped and any runner requeues it once it is stale."""
+        for attempt in range(tries):
+            try:
+                return end()
+            except JobStateError:  # requeued or finished elsewhere meanwhile
+                return self.repo.get_job(job_id)
+            except DatabaseUnavailableError as e:
+                if attempt == tries - 1:
+                    raise
+                log.warning("job %d: cannot record its end yet (%s); retrying", job_id, e)
+                time.sleep(2**attempt)
+        raise AssertionError("unreachable")
 
 
 class _Heartbeat:
     """A daemon thread that heartbeats one job; `check()` raises `Cancelled` / `Lost` for the job's thread."""
 
-    def __init__(self, repo: Repository, job_id: int, runner: str, interval: float) -> None:
+    def __init__(self, repo: Repository, job_id: int, runner: str, interval: float,
+                 stopping: threading.Event | None = None) -> None:
         self.repo, self.job_id, self.runner, self.interval = repo, job_id, runner, interval
+        self.stopping = stopping or threading.Event()
         self.cancelled = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -201,6 +239,8 @@ class _Heartbeat:
             raise Lost
         if self.cancelled.is_set():
             raise Cancelled
+        if self.stopping.is_set():
+            raise Stopped
 
 
 class JobRun:
@@ -210,6 +250,8 @@ class JobRun:
         self.runner, self.repo, self.store = runner, runner.repo, runner.store
         self.job, self.beat = job, beat
         self.spec = JobSpec.parse(job.spec)
+        if runner.config.confined:
+            self.spec = _confined(self.spec, self.repo)
         self.address = runner.config.ray_address
         self.model_id = 0  # the `models` row, set by the load stage
         self.recorder = _JobProgress(self)
@@ -359,6 +401,58 @@ class JobRun:
 
     def _has_artifact(self, plan_id: int) -> bool:
         return any(a.kind == PACKED for a in self.repo.get_plan(plan_id).artifacts)
+
+
+def _confined(spec: JobSpec, repo: Repository) -> JobSpec:
+    """The spec checked against the server's roots again (they may have changed since the submission), with a
+    local model in safetensors only; a `QuantPlanError` (the job fails, not retried) otherwise."""
+    spec = confine(spec, repo.settings)
+    if HUB_ID.match(spec.model) and Path(spec.model).exists():  # a hub id must not name a path of the runner's
+        raise QuantPlanError(f"model {spec.model!r} is taken for a Hugging Face hub id, but this runner would read "
+                             "it as a local path; use an absolute path inside the model roots")
+    check_safetensors(spec.model)
+    return spec
+
+
+DATASETS_ENV = "QUANTPLAN_DATASETS_CACHE"  # where `workers.data` keeps its copies of local data files
+
+
+@contextmanager
+def datasets_scratch(cache_root: str | os.PathLike[str] | None = None) -> Iterator[Path | None]:
+    """A directory for this runner's temporary dataset copies, under the cache directory
+    (`<cache>/datasets-tmp/<host>-<pid>-<random>`, `QUANTPLAN_DATASETS_CACHE` while it runs), removed on every
+    exit; the directories of this host's runners that are no longer alive (killed) are removed on entry. A
+    `QUANTPLAN_DATASETS_CACHE` set by the user is kept as it is (None is yielded)."""
+    if os.environ.get(DATASETS_ENV):
+        yield None
+        return
+    import platformdirs
+
+    parent = Path(cache_root or os.environ.get("QUANTPLAN_CACHE_DIR") or platformdirs.user_cache_dir("quantplan"))
+    parent = parent / "datasets-tmp"
+    parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for old in parent.glob(f"{host}-*"):
+        pid = old.name.removeprefix(f"{host}-").partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{host}-{os.getpid()}-", dir=parent))
+    os.environ[DATASETS_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        os.environ.pop(DATASETS_ENV, None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager

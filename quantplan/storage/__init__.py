@@ -18,6 +18,7 @@ from quantplan.storage.artifacts import (
     StoredArtifact,
     open_store,
 )
+from quantplan.storage.db import transient
 from quantplan.storage.errors import (
     ArtifactStoreError,
     DatabaseUnavailableError,
@@ -69,5 +70,6 @@ __all__ = [
     "TableRecord",
     "load_settings",
     "open_store",
+    "transient",
     "plan_sha256",
 ]

@@ -19,7 +19,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from quantplan.settings import StorageSettings, normalize_url, safe_url
+from quantplan.settings import StorageSettings, normalize_url, safe_url, transient  # noqa: F401 - re-exported
 from quantplan.storage.errors import DatabaseUnavailableError, StorageError
 
 

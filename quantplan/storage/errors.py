@@ -12,6 +12,8 @@ class StorageError(QuantPlanError):
 class DatabaseUnavailableError(StorageError):
     """The database cannot be reached or refused the connection (a service answers 503 and the caller retries)."""
 
+    transient = True  # `quantplan.settings.transient`: worth another try
+
 
 class NotFoundError(StorageError, LookupError):
     """A job, plan, model or artifact id that is not in the database or store."""

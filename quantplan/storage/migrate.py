@@ -12,6 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from quantplan.settings import retry_transient, schema_lock
 from quantplan.storage.db import translate
 from quantplan.storage.errors import StorageError
 
@@ -28,8 +29,16 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the database up to `revision` (default: the newest)."""
-    _run(engine, lambda cfg: command.upgrade(cfg, revision), f"upgrade to {revision}")
+    """Migrate the database up to `revision` (default: the newest). Any number of processes may do this at once:
+    they take turns under `schema_lock` (the later ones find the schema current), and the loser of a race outside
+    the lock, or a short outage, is retried."""
+    url = engine.url.render_as_string(hide_password=False)
+
+    def locked() -> None:
+        with schema_lock(url):
+            _run(engine, lambda cfg: command.upgrade(cfg, revision), f"upgrade to {revision}")
+
+    retry_transient(locked, f"migration to {revision}")
 
 
 def downgrade(engine: Engine, revision: str = "base") -> None:

@@ -190,7 +190,8 @@ def test_end_to_end_submit_poll_leaderboard_download_apply(capsys, tmp_path, sto
     server = f"http://127.0.0.1:{port}"
     env = {**os.environ, "QUANTPLAN_DATABASE_URL": f"sqlite:///{tmp_path / 'server.db'}",
            "QUANTPLAN_ARTIFACTS": str(tmp_path / "artifacts"), "QUANTPLAN_CACHE_DIR": str(tmp_path / "cache"),
-           "QUANTPLAN_API_TOKENS": f"e2e={TOKEN}", "COLUMNS": "200"}
+           "QUANTPLAN_API_TOKENS": f"e2e={TOKEN}", "COLUMNS": "200",
+           "QUANTPLAN_MODEL_ROOTS": os.path.realpath(stories_hf), "QUANTPLAN_DATA_ROOTS": str(stories_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "quantplan.service.cli", "serve", "--port", str(port),
                              "--runners", "1", "--heartbeat", "1"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from quantplan.errors import PlanError
+from quantplan.quant.kernels.served import serving
+from quantplan.quant.plan import REGEX_PREFIX, Plan
 from quantplan.quant.schemes import ActScheme, LayerScheme
 
 TARGETS = ("quantplan", "compressed-tensors")
@@ -95,3 +97,26 @@ def ct_format(scheme: LayerScheme) -> str:
     """The compressed-tensors storage format of a layer: int8 weights with int8 activations stay unpacked
     (int-quantized, what vLLM's W8A8 kernels read), everything else is packed into int32 words."""
     return "int-quantized" if scheme.weight.bits == 8 and scheme.act is not ActScheme.A16 else "pack-quantized"
+
+
+def plan_formats(plan: Plan, model_type: str | None = None) -> list[str]:
+    """The export formats whose schemes `plan` keeps to, judged from the plan alone: every scheme it names has a
+    kernel (`quantplan`) or a compressed-tensors form and no fused set of the layers it names mixes schemes
+    (`compressed-tensors`). Layer shapes (group sizes that must tile K) are checked when the plan is exported."""
+    specs = [s for _, s in plan.layers] + [plan.default]
+    schemes = [s.scheme for s in specs if s.scheme.quantized]
+    formats = []
+    if all(s.weight.quantized and serving(s.weight, s.act.bits) is not None for s in schemes):
+        formats.append("quantplan")
+    siblings = {n for k, _ in plan.layers if not k.startswith(REGEX_PREFIX) for n in _fused_siblings(k, model_type)}
+    resolved = {n: str(plan.resolve(n).scheme) for n in siblings}
+    if not any(ct_scheme_reason(s) for s in schemes) and not mixed_fused_groups(resolved, model_type):
+        formats.append(CT_TARGET)
+    return formats
+
+
+def _fused_siblings(name: str, model_type: str | None) -> list[str]:
+    parent, _, leaf = name.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    table = FUSED_MODULES.get(model_type or "", _DEFAULT_FUSED)
+    return [prefix + s for shards in table.values() if leaf in shards for s in shards]

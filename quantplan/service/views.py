@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from quantplan.errors import QuantPlanError
+from quantplan.quant.plan import Plan
+from quantplan.quant.targets import plan_formats
 from quantplan.storage import JobRecord, LeaderboardPage, PlanRecord
 
 PLAN_COLUMNS = ("id", "job", "label", "avg_bits", "bytes", "act", "pred_loss", "ppl", "kl", "pareto", "artifact")
@@ -80,11 +83,19 @@ def plan_view(plan: PlanRecord, *, full: bool = False) -> dict[str, Any]:
         "created_at": _time(plan.created_at),
         "metrics": [{"name": m.name, "dataset": m.dataset, "value": m.value} for m in plan.metrics],
         "artifacts": [{"kind": a.kind, "sha256": a.sha256, "bytes": a.bytes, "uri": a.uri} for a in plan.artifacts],
+        "formats": _formats(plan.plan),  # export formats its schemes fit (quantplan, compressed-tensors)
     }
     if full:
         view["plan"] = plan.plan
         view["schemes"] = scheme_counts(plan.plan)
     return view
+
+
+def _formats(plan: Any) -> list[str]:
+    try:
+        return plan_formats(Plan.from_dict(plan))
+    except QuantPlanError:
+        return []
 
 
 def leaderboard_view(model: str, page: LeaderboardPage) -> dict[str, Any]:

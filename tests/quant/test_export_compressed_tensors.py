@@ -17,7 +17,7 @@ from quantplan.quant import artifact as art
 from quantplan.quant.apply import apply_plan
 from quantplan.quant.export_ct import export_artifact
 from quantplan.quant.plan import Plan
-from quantplan.quant.targets import fused_groups
+from quantplan.quant.targets import fused_groups, plan_formats
 from quantplan.workers.models import load_model
 from tests.conftest import DEMO_STEPS
 from tests.quant.test_apply import VOCAB
@@ -215,3 +215,11 @@ def test_a_stored_artifact_converts_to_the_same_checkpoint(tmp_path: Path, stori
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((direct / "config.json").read_text())["quantization_config"] == \
         json.loads((converted / "config.json").read_text())["quantization_config"]
+
+
+def test_plan_formats_from_the_plan_alone() -> None:
+    assert plan_formats(oracle_plan(64)) == ["compressed-tensors"]  # w3g64: no kernel
+    assert plan_formats(Plan.uniform("w4g128:a8-static")) == ["quantplan", "compressed-tensors"]
+    mixed = Plan.from_layers({"model.layers.0.self_attn.k_proj": "w8"}, default=Plan.uniform("w4g32").default)
+    assert plan_formats(mixed) == ["quantplan"]  # q/k/v would mix schemes
+    assert plan_formats(Plan.uniform("w8a:a8-dynamic")) == []

@@ -28,6 +28,7 @@ def test_run_target_export_and_load_with_transformers(capsys, env, ray_local, tm
     result = json.loads(out)
     assert result["job"]["spec"]["target"] == "compressed-tensors"
     [best] = [p for p in result["plans"] if p["artifacts"]]
+    assert best["formats"] == ["quantplan", "compressed-tensors"]  # what the leaderboard says it exports to
     out_dir = tmp_path / "ct"
     code, out, err = run_cli(capsys, "export", str(best["id"]), "--format", "compressed-tensors", "-o", str(out_dir),
                              "--json")

@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantplan.errors import QuantPlanError
 from quantplan.net import AddressError, unreachable
@@ -320,6 +321,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _500(_: Request, e: Exception) -> JSONResponse:
         return internal(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400:  # FastAPI's "error parsing the body" (bytes that are not UTF-8 JSON)
+            return problem(422, "invalid request: the body is not a JSON document (UTF-8); send the job spec as "
+                                "JSON")
+        return problem(e.status_code, str(e.detail), dict(e.headers or {}))
 
     @app.exception_handler(RequestValidationError)
     async def _422(_: Request, e: RequestValidationError) -> JSONResponse:

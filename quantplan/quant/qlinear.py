@@ -14,12 +14,15 @@ import torch
 from torch import nn
 
 from quantplan.quant.act_handlers import ActParams, act_handler
+from quantplan.quant.kernels.cpu import INT4PACK_ROWS, int4pack_serves, prepare_int4pack
 from quantplan.quant.kernels.dispatch import Kernel, quantized_linear, select_kernel, weight_row_sums
 from quantplan.quant.kernels.runtime import resolve_backend
 from quantplan.quant.packing import PackedWeight, pack_weight
 from quantplan.quant.plan import LayerSpec
 from quantplan.quant.quantizers import quantize_weight
 from quantplan.quant.schemes import ActScheme, LayerScheme
+
+INT4PACK_KERNELS = ("w4a8", "w4a16")  # the kernels whose small-M CPU calls the int4pack GEMM takes over
 
 
 class QuantLinear(nn.Module):
@@ -66,7 +69,8 @@ class QuantLinear(nn.Module):
         self._param_names = ("act_scale", *params)
         self.register_buffer("inv_pre_scale", inv_pre_scale)
         self._packed = packed
-        self._prepared: dict[str, tuple[tuple[int, torch.device, int], torch.Tensor]] = {}
+        self._prepared: dict[str, tuple[tuple[int, torch.device, int], Any]] = {}
+        self._int4pack: bool | None = None  # whether small inputs take the CPU int4pack GEMM (decided once)
         self.register_load_state_dict_post_hook(QuantLinear._forget_prepared)
 
     @classmethod
@@ -105,13 +109,13 @@ class QuantLinear(nn.Module):
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> QuantLinear:
         super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), ... replace the buffers: re-wrap them once
         self._packed = PackedWeight(self.codes, self.scales, self.zeros, self.in_features, self.scheme.weight)
-        self._prepared = {}
+        self._prepared, self._int4pack = {}, None
         return self
 
     def _forget_prepared(self, incompatible_keys: object) -> None:
         self._prepared = {}  # load_state_dict copies into the same storage: data_ptr alone would not notice
 
-    def _cached(self, what: str, make: Callable[[PackedWeight], torch.Tensor]) -> torch.Tensor:
+    def _cached(self, what: str, make: Callable[[PackedWeight], Any]) -> Any:
         """`make(packed)`, computed once per codes tensor (its storage, device and version)."""
         version = -1 if self.codes.is_inference() else self.codes._version  # inference tensors keep no counter
         key = (self.codes.data_ptr(), self.codes.device, version)
@@ -134,7 +138,15 @@ class QuantLinear(nn.Module):
             kernel=self.kernel,
             act_params=self.act_params,
             row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
+            int4pack=self._cached("int4pack", prepare_int4pack) if on_torch and self._int4pack_rows(x) else None,
         )
+
+    def _int4pack_rows(self, x: torch.Tensor) -> bool:
+        """Whether this call goes through the CPU int4pack GEMM: decided per layer (4-bit grouped weights of a
+        shape it packs, a kernel it stands in for) once, then by the rows of the input."""
+        if self._int4pack is None:
+            self._int4pack = self.kernel.name in INT4PACK_KERNELS and int4pack_serves(self._packed)
+        return self._int4pack and x.numel() // max(1, self.in_features) <= INT4PACK_ROWS
 
     def extra_repr(self) -> str:
         extra = ", pre_scale" if self.inv_pre_scale is not None else ""

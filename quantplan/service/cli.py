@@ -12,6 +12,7 @@ from quantplan.service.artifact_cmd import apply_command, materialize_command
 from quantplan.service.console import print_error, print_json, setup_logging, stderr, stdout
 from quantplan.service.console import table as table_view
 from quantplan.service.convert_cmd import convert_gguf_command
+from quantplan.service.generate_cmd import generate_command
 from quantplan.service.jobs_cmd import export_command, leaderboard_command, run_command, runner_command, show_command
 from quantplan.service.remote_cmd import cancel_command, download_command, serve_command, status_command, submit_command
 from quantplan.service.search_cmd import search_command
@@ -296,6 +297,7 @@ app.command("status")(status_command)
 app.command("cancel")(cancel_command)
 app.command("download")(download_command)
 app.command("convert-gguf")(convert_gguf_command)
+app.command("generate")(generate_command)
 
 
 def main(argv: list[str] | None = None) -> None:

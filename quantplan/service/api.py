@@ -237,12 +237,23 @@ def _routes(services: Services) -> APIRouter:
 
     @router.get(f"/{API_VERSION}/plans/{{plan_id}}/artifact", responses=ERRORS, response_class=StreamingResponse,
                 summary="The materialized artifact (tar archive), streamed")
-    def artifact(plan_id: Id, _: Reader) -> StreamingResponse:
+    def artifact(plan_id: Id, _: Reader, format: Annotated[  # noqa: A002 - the query parameter's name
+            Literal["quantplan", "compressed-tensors"], Query(description="quantplan: the packed artifact; "
+                                                                          "compressed-tensors: a Hugging Face "
+                                                                          "checkpoint vLLM serves, built from it on "
+                                                                          "first request and kept")] = "quantplan",
+                 ) -> StreamingResponse:
         record = repo.get_plan(plan_id)
         packed = next((a for a in record.artifacts if a.kind == "packed"), None)
         if packed is None:
             raise NotFoundError(f"plan {plan_id} has no materialized artifact; pick a plan whose `artifacts` "
                                 "lists one (the job materializes its best plans)")
+        if format != "quantplan":
+            from quantplan.service.exports import artifact_in_format
+
+            settings = services.settings
+            confined = bool(settings.roots("model") or settings.roots("data"))
+            packed = artifact_in_format(repo, store, record, format, confined=confined)
         reader_ = store.open(packed.sha256)
         headers = {SHA_HEADER: packed.sha256, "Content-Length": str(packed.bytes), "ETag": f'"{packed.sha256}"',
                    "Content-Disposition": f'attachment; filename="plan-{plan_id}.tar"'}

@@ -75,7 +75,8 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/healthz", ok=(200, 503))
 
-    def download(self, plan_id: int, out: str | os.PathLike[str], *, overwrite: bool = False) -> dict[str, Any]:
+    def download(self, plan_id: int, out: str | os.PathLike[str], *, overwrite: bool = False,
+                 format: str = "quantplan") -> dict[str, Any]:  # noqa: A002 - the API's query parameter
         """Stream a plan's artifact archive to a temporary file, verify its sha256 against the server's header, and
         unpack it into `out` atomically (`quant.atomic.staging_dir`). Nothing is left on failure."""
         from quantplan.quant.atomic import check_destination, staging_dir
@@ -84,7 +85,8 @@ class Client:
         check_destination(out, overwrite)  # before the download, not after it
         with tempfile.TemporaryDirectory(prefix="quantplan-download-") as work:
             archive, digest, size = Path(work) / "artifact.tar", hashlib.sha256(), 0
-            with self._stream("GET", f"/v1/plans/{int(plan_id)}/artifact") as response, archive.open("wb") as f:
+            with self._stream("GET", f"/v1/plans/{int(plan_id)}/artifact", params={"format": format}) as response, \
+                    archive.open("wb") as f:
                 expected = response.headers.get(SHA_HEADER)
                 for chunk in response.iter_bytes(CHUNK):
                     digest.update(chunk)
@@ -109,10 +111,10 @@ class Client:
         return response.json()
 
     @contextmanager
-    def _stream(self, method: str, path: str) -> Iterator[httpx.Response]:
+    def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
         """A streamed response; a refused request or a dropped connection (also mid-body) is a `ClientError`."""
         try:
-            with self.http.stream(method, path) as response:
+            with self.http.stream(method, path, **kwargs) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise self._refused(response)

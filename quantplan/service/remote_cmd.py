@@ -179,13 +179,17 @@ def download_command(
     json_out: JsonOpt = False,
 ) -> None:
     """Download a plan's materialized artifact (sha256 verified), ready for `quantplan apply DIR --model M`; with
-    --format compressed-tensors, converted here (from the base model) into a checkpoint that vLLM serves."""
+    --format compressed-tensors, the checkpoint vLLM serves (the server builds it once from the artifact; with
+    --model, converted here from that base model instead)."""
     with _client(server, token) as client:
         model = (client.plan(plan_id)["plan"].get("model") or {}).get("name") or "<base model>"
-        got: dict[str, Any] = {}
-        write_in_format(lambda d: got.update(client.download(plan_id, d, overwrite=overwrite)), out, format,
-                        model=model_path, overwrite=overwrite)
-        result = {**got, "out": str(out), "format": format}
+        if model_path is None:
+            result = {**client.download(plan_id, out, overwrite=overwrite, format=format), "format": format}
+        else:
+            got: dict[str, Any] = {}
+            write_in_format(lambda d: got.update(client.download(plan_id, d, overwrite=overwrite)), out, format,
+                            model=model_path, overwrite=overwrite)
+            result = {**got, "out": str(out), "format": format}
     if json_out or format != "quantplan":
         print_written({**result, "model": model}, json_out)
         return

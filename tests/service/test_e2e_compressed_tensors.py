@@ -42,3 +42,32 @@ def test_run_target_export_and_load_with_transformers(capsys, env, ray_local, tm
     measured = json.loads(out)["perplexity"]
     assert measured == pytest.approx(best["perplexity"], rel=0.005)
     print(f"\nstored {best['perplexity']:.5f}, transformers on the compressed-tensors export {measured:.5f}")
+    _the_api_builds_the_same_checkpoint_once(env["db"], env["artifacts"], env, best, out_dir)
+
+
+def _the_api_builds_the_same_checkpoint_once(db: str, artifacts: str, job: dict[str, str], plan: dict, local: Path,
+                                             ) -> None:
+    """`GET /v1/plans/{id}/artifact?format=compressed-tensors`: built from the stored artifact on the first request
+    (on a confined server: the model inside the roots), archived and recorded, streamed as is the second time."""
+    import io
+    import tarfile
+
+    from fastapi.testclient import TestClient
+
+    from quantplan.service.api import create_app
+    from quantplan.settings import load_settings
+
+    settings = load_settings(database_url=db, artifacts=artifacts, model_roots=job["model"],
+                             data_roots=str(Path(job["data"].removeprefix("text:")).parent))
+    with TestClient(create_app(settings)) as api:
+        url = f"/v1/plans/{plan['id']}/artifact"
+        first, again = (api.get(url, params={"format": "compressed-tensors"}) for _ in range(2))
+        assert first.status_code == again.status_code == 200, first.text
+        assert first.headers["X-Content-SHA256"] == again.headers["X-Content-SHA256"] != plan["artifacts"][0]["sha256"]
+        kinds = {a["kind"] for a in api.get(f"/v1/plans/{plan['id']}").json()["artifacts"]}
+        assert kinds == {"packed", "compressed-tensors"}
+        assert api.get(url, params={"format": "onnx"}).status_code == 422
+    with tarfile.open(fileobj=io.BytesIO(first.content)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("model.safetensors"))
+        served = tar.extractfile(member).read()
+    assert served == (local / "model.safetensors").read_bytes(), "the checkpoint `export --format` wrote"

@@ -25,7 +25,14 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import NullPool
 
@@ -83,6 +90,19 @@ def transient(e: BaseException) -> bool:
             return True
         if isinstance(cause, (IntegrityError, ProgrammingError)) and any(
                 text in str(cause).lower() for text in ALREADY_EXISTS):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def from_database(e: BaseException) -> bool:
+    """Whether `e`, or an error it was raised from, is the database driver's: its text may hold the database's
+    URL, host or schema, so it belongs in the log, not in a message a client reads."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, SQLAlchemyError):
             return True
         cause = cause.__cause__ or cause.__context__
     return False

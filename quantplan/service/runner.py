@@ -52,6 +52,7 @@ from quantplan.progress import Listener, Progress, ProgressEvent, RichBars
 from quantplan.service.confine import HUB_ID, check_safetensors, confine
 from quantplan.service.jobs import JobSpec
 from quantplan.service.pipeline import RunOptions, SearchInputs, SearchReport, load_spec, search_stage, to_materialize
+from quantplan.settings import from_database
 from quantplan.storage import DatabaseUnavailableError, JobRecord, JobStateError, NewPlan, Repository, transient
 from quantplan.storage.artifacts import ArtifactStore
 from quantplan.storage.db import safe_url
@@ -177,12 +178,12 @@ class Runner:
         if transient(e):
             log.warning("job %d: transient database error, released for another attempt: %s", job.id, e)
             return self._release(job.id, "a database error interrupted the job; it is retried", UNCOUNTED)
+        error = _message(job.id, e)
         if isinstance(e, QuantPlanError):
             log.error("job %d failed: %s", job.id, e)
-            error = str(e)
             return self._end(job.id, lambda: self.repo.fail_job(job.id, self.id, error))
         log.exception("job %d: %s", job.id, e)
-        return self._release(job.id, f"{type(e).__name__}: {e}", self.config.max_attempts)
+        return self._release(job.id, error, self.config.max_attempts)
 
     def _release(self, job_id: int, message: str, max_attempts: int) -> JobRecord:
         return self._end(job_id, lambda: self.repo.release_job(job_id, self.id, message, max_attempts=max_attempts))
@@ -201,6 +202,16 @@ class Runner:
                 log.warning("job %d: cannot record its end yet (%s); retrying", job_id, e)
                 time.sleep(2**attempt)
         raise AssertionError("unreachable")
+
+
+def _message(job_id: int, e: Exception) -> str:
+    """The error a job's users read: ours as it is; the database's (its URL, host, schema) only in the log, under
+    a reference the message gives."""
+    if from_database(e):
+        reference = uuid.uuid4().hex[:16]
+        log.error("job %d: reference %s: %s: %s", job_id, reference, type(e).__name__, e)
+        return f"a database error stopped the job (reference {reference}); the operator finds it in the runner's log"
+    return str(e) if isinstance(e, QuantPlanError) else f"{type(e).__name__}: {e}"
 
 
 class _Heartbeat:

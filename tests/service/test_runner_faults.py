@@ -6,18 +6,21 @@ releases the job."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from quantplan.errors import QuantPlanError
-from quantplan.service.runner import Runner, RunnerConfig, datasets_scratch
+from quantplan.service.runner import JobRun, Runner, RunnerConfig, datasets_scratch
 from quantplan.storage import DatabaseUnavailableError, Repository, load_settings, open_store, transient
 from tests.service.test_cli import wait_for
 from tests.service.test_runner import _trials
@@ -87,6 +90,21 @@ def test_database_errors_release_the_job_without_failing_it(tmp_path, monkeypatc
     assert transient(error) and not transient(QuantPlanError("bad input"))
 
 
+def test_database_text_stays_in_the_log(tmp_path, monkeypatch) -> None:
+    repo, runner = _runner(tmp_path, max_attempts=1)
+    job = repo.create_job(SPEC)
+    secret = "postgresql://admin@db.internal:5432/prod: permission denied for schema public"
+
+    def refused(self, progress):
+        raise QuantPlanError(f"cannot open the study database {secret}") from IntegrityError("CREATE", {},
+                                                                                             Exception(secret))
+
+    monkeypatch.setattr("quantplan.service.runner.JobRun._load", refused)
+    done = runner.run_once()
+    assert (done.id, done.status) == (job.id, "failed")
+    assert "reference" in done.error and "db.internal" not in done.error
+
+
 def test_a_stopping_runner_gives_the_job_back(tmp_path, monkeypatch) -> None:
     repo, runner = _runner(tmp_path, max_attempts=1)
     job = repo.create_job(SPEC)
@@ -151,3 +169,82 @@ def test_sigterm_mid_search_with_ray_exits_0_and_releases_the_job(tmp_path, stor
     released = repo.get_job(job.id)
     assert (released.status, released.stage, released.runner) == ("queued", "search", None)
     assert list((cache / "datasets-tmp").iterdir()) == []  # no temporary copies left
+
+
+class _Proxy:
+    """A TCP proxy to PostgreSQL that can be taken down (listener closed, every connection cut) and brought back
+    on the same port: the database is unreachable in between, as in an outage."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.port = target, 0
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.up()
+
+    def up(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        self.listener.close()
+        with self.lock:
+            for conn in self.conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by down()
+                return
+            server = socket.create_connection(self.target)
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.slow
+def test_a_database_outage_as_the_search_starts_does_not_fail_the_job(tmp_path, stories_hf, stories_dir,
+                                                                      pg_databases, ray_local, monkeypatch) -> None:
+    url = make_url(pg_databases.create())
+    proxy = _Proxy((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(port=proxy.port).render_as_string(hide_password=False)
+    monkeypatch.setenv("QUANTPLAN_CACHE_DIR", str(tmp_path / "cache"))
+    repo = Repository(through)
+    runner = Runner(repo, open_store(tmp_path / "art"), config=RunnerConfig(heartbeat_interval=0.5, max_attempts=1))
+    job = repo.create_job({"model": str(stories_hf), "data": f"text:{stories_dir / 'sampled_seed1.txt'}",
+                           "budget_bits": 4.25, "trials": 30, "samples": 12, "seq_len": 64, "eval_samples": 8,
+                           "eval_top": 1, "materialize_top": 0})
+    search, outages = JobRun._search, []
+
+    def search_in_an_outage(self, inputs, progress):
+        if not outages:  # the database goes away for 10 s just as the study is opened
+            proxy.down()
+            outages.append(threading.Timer(10.0, proxy.up))
+            outages[0].start()
+        return search(self, inputs, progress)
+
+    monkeypatch.setattr(JobRun, "_search", search_in_an_outage)
+    ends = []
+    while len(ends) < 3 and (not ends or ends[-1].status != "succeeded"):
+        ends.append(runner.run_once())  # max_attempts=1: an outage that counted would fail the job
+    outages[0].join()
+    assert [e.id for e in ends] == [job.id] * len(ends)
+    assert [e.status for e in ends][-1] == "succeeded" and "failed" not in [e.status for e in ends], ends
+    assert repo.plans_for_job(job.id)

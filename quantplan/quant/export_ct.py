@@ -61,9 +61,9 @@ class StagedLinear(nn.Module):
     """A quantized layer waiting to be written: QuantPlan's codes and scales, its bias and activation parameters."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, spec: LayerSpec,
-                 act_params: Mapping[str, torch.Tensor], prescaled: bool, dtype: torch.dtype) -> None:
+                 act_params: Mapping[str, torch.Tensor], prescaled: bool) -> None:
         super().__init__()
-        self.qw, self.spec, self.act_params, self.prescaled, self.dtype = qw, spec, dict(act_params), prescaled, dtype
+        self.qw, self.spec, self.act_params, self.prescaled = qw, spec, dict(act_params), prescaled
         self.bias = None if bias is None else bias.detach().clone()
 
     @classmethod
@@ -73,17 +73,13 @@ class StagedLinear(nn.Module):
         """The module factory of `apply_plan`: `weight` is W diag(s), as FakeQuantLinear takes it."""
         params = {**({} if act_scale is None else {"act_scale": act_scale}), **(act_params or {})}
         qw = quantize_weight(weight.detach(), spec.scheme.weight, spec.clip)
-        return cls(qw, bias, spec, params, pre_scale is not None, weight.dtype)
+        return cls(qw, bias, spec, params, pre_scale is not None)
 
     @classmethod
     def from_quant_linear(cls, layer: QuantLinear) -> StagedLinear:
         """A layer of a loaded packed artifact (`load_quantized`): the same codes, unpacked."""
-        spec = LayerSpec(layer.scheme)
-        dtype = layer.bias.dtype if layer.bias is not None else torch.float32
-        if layer.inv_pre_scale is not None:
-            dtype = layer.inv_pre_scale.dtype
-        return cls(unpack_weight(layer.packed), layer.bias, spec, layer.act_params, layer.inv_pre_scale is not None,
-                   dtype)
+        return cls(unpack_weight(layer.packed), layer.bias, LayerSpec(layer.scheme), layer.act_params,
+                   layer.inv_pre_scale is not None)
 
 
 # -- what the format can express ---------------------------------------------------------------------------
@@ -123,7 +119,8 @@ def _refusal(refused: Mapping[str, str]) -> str:
 # -- writing -------------------------------------------------------------------------------------------------
 def _write(job: ExportJob, tmp: Path) -> None:
     ct = require_compressed_tensors()
-    tokenizer = job.meta.get("tokenizer") or _load_tokenizer(job.base_model)
+    tokenizer = job.meta.get("tokenizer")
+    tokenizer = _load_tokenizer(job.base_model) if tokenizer is None else tokenizer
     staged = _staged_layers(job.quantized)
     prescaled = {n: f"{layer.spec.scheme}: keeps a runtime pre-scale (no norm alone feeds it)"
                  for n, layer in staged.items() if layer.prescaled}

@@ -50,10 +50,10 @@ def ct_scheme_reason(scheme: LayerScheme) -> str | None:
     return None
 
 
-def ct_layer_reason(scheme: LayerScheme, in_features: int, *, prescaled: bool = False, conv1d: bool = False,
-                    ) -> str | None:
-    """`ct_scheme_reason`, plus what a layer's shape and place decide: compressed-tensors groups must tile K, only
-    nn.Linear layers are packed, and an equalization must fold into a norm (no runtime pre-scale)."""
+def ct_layer_reason(scheme: LayerScheme, in_features: int, *, conv1d: bool = False) -> str | None:
+    """`ct_scheme_reason`, plus what a layer's shape and kind decide: compressed-tensors groups must tile K and only
+    nn.Linear layers are packed. (Whether an equalization folds into a norm is known after calibration: the export
+    refuses a runtime pre-scale then.)"""
     reason = ct_scheme_reason(scheme)
     if reason or not scheme.quantized:
         return reason
@@ -62,8 +62,6 @@ def ct_layer_reason(scheme: LayerScheme, in_features: int, *, prescaled: bool = 
     g = scheme.weight.group_size(in_features)
     if in_features % g:
         return f"group size {g} does not divide in_features {in_features} (compressed-tensors does not pad K)"
-    if prescaled and scheme.act.equalized:
-        return f"{scheme.act} keeps a runtime pre-scale here (no norm alone feeds the layer to fold it into)"
     return None
 
 

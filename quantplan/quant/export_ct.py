@@ -12,6 +12,10 @@ an explicit `format`). Mapping (docs/ARTIFACTS.md#compressed-tensors-vllm):
     a8-static/lae/smooth -> input_activations: int8, per tensor, static `input_scale`; the equalization s is
                             already folded into the norm and the weights (a pre-scale that cannot fold is refused)
 
+A `manifest.json` beside them says what was exported (format `quantplan.compressed-tensors-export`, the base model
+and its fingerprint, each layer's scheme) with the size and sha256 of every other file, and lets `--overwrite`
+replace an earlier export.
+
 The codes and scales are QuantPlan's own (`quantize_weight` of W diag(s), as the simulation and the packed
 artifact make them): compressed-tensors decompresses them to QuantPlan's dequantized weights bit for bit. The
 compressed-tensors package is imported when a directory is written, not before (`pip install
@@ -32,7 +36,7 @@ from torch import nn
 
 from quantplan.errors import ArtifactError, PlanError
 from quantplan.quant.apply import resolve_plan, validate_plan
-from quantplan.quant.artifact import ExportFormat, ExportJob, register_export_format
+from quantplan.quant.artifact import ExportFormat, ExportJob, _file_entry, _write_manifest, register_export_format
 from quantplan.quant.modules import linear_shape
 from quantplan.quant.packing import unpack_weight
 from quantplan.quant.plan import LayerSpec, Plan
@@ -44,6 +48,7 @@ from quantplan.quant.targets import ACT_ARGS, CT_TARGET, ct_format, ct_layer_rea
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = CT_TARGET
+MANIFEST_FORMAT = "quantplan.compressed-tensors-export"  # manifest.json: what was exported, from what, checksums
 INSTALL_HINT = "pip install 'quantplan[vllm-export]' (compressed-tensors==0.20.0)"
 
 
@@ -138,6 +143,9 @@ def _write(job: ExportJob, tmp: Path) -> None:
     data = json.loads(path.read_text())
     data["quantization_config"] = config
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    files = {p.name: _file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    _write_manifest(tmp, {"format": MANIFEST_FORMAT, "version": 1, "base_model": dict(job.base_model),
+                          "layers": {n: str(layer.spec.scheme) for n, layer in sorted(staged.items())}, "files": files})
     log.info("wrote %d quantized layers in %d config groups as compressed-tensors", len(staged), len(groups))
 
 

@@ -204,6 +204,20 @@ def test_existing_directory_and_missing_tokenizer(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["there"]
 
 
+def test_manifest_checksums_and_overwrite(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    out = art.export(model, Plan.uniform("w4g32"), None, tmp_path / "ct", format=CT, tokenizer=Tok())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "quantplan.compressed-tensors-export" and manifest["manifest_sha256"]
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert entry == art._file_entry(out / name)
+    art.export(model, Plan.uniform("w8"), None, out, format=CT, tokenizer=Tok(), overwrite=True)  # an earlier export
+    assert json.loads((out / "manifest.json").read_text())["layers"]["model.layers.0.mlp.up_proj"] == "w8:a16"
+    with pytest.raises(ArtifactError, match="is not a QuantPlan artifact"):
+        art.read_manifest(out)  # `quantplan apply` on it: one clear error
+
+
 def test_a_stored_artifact_converts_to_the_same_checkpoint(tmp_path: Path, stories) -> None:
     model, tokenizer, tokens = stories
     plan = Plan.from_layers({r"re:.*self_attn\.[qkv]_proj": "w4g32:a8-lae", r"re:.*down_proj": "w8:a8-static"},

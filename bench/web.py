@@ -84,7 +84,10 @@ def main() -> None:
         print(f"stored {args.plans:,} plans in {time.perf_counter() - start:.1f} s; load average "
               f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         with TestClient(create_app(settings, repo=repo)) as client:
-            client.get(f"/leaderboard?model={MODEL}")  # warm up: templates compiled, connections opened
+            start = time.perf_counter()
+            first = client.get(f"/leaderboard?model={MODEL}")  # cold: templates compiled, each plan's formats judged
+            cold = (time.perf_counter() - start) * 1000
+            print(f"first request (cold): {cold:.0f} ms, server {first.headers['server-timing']}")
             results = {name: measure(client, query, args.repeats) for name, query in VIEWS.items()}
         repo.close()
     print(f"{'view':<20} {'plans drawn':>11} {'server ms (median)':>19} {'p90':>7} {'request ms':>11} {'HTML KB':>8}")

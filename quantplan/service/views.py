@@ -83,7 +83,7 @@ def plan_view(plan: PlanRecord, *, full: bool = False) -> dict[str, Any]:
         "created_at": _time(plan.created_at),
         "metrics": [{"name": m.name, "dataset": m.dataset, "value": m.value} for m in plan.metrics],
         "artifacts": [{"kind": a.kind, "sha256": a.sha256, "bytes": a.bytes, "uri": a.uri} for a in plan.artifacts],
-        "formats": _formats(plan.plan),  # export formats its schemes fit (quantplan, compressed-tensors)
+        "formats": _formats(plan.plan_sha256, plan.plan),  # export formats its schemes fit
     }
     if full:
         view["plan"] = plan.plan
@@ -91,11 +91,19 @@ def plan_view(plan: PlanRecord, *, full: bool = False) -> dict[str, Any]:
     return view
 
 
-def _formats(plan: Any) -> list[str]:
-    try:
-        return plan_formats(Plan.from_dict(plan))
-    except QuantPlanError:
-        return []
+_FORMATS: dict[str, tuple[str, ...]] = {}  # plan sha256 -> its formats: judging a plan takes milliseconds, and a
+# leaderboard page shows up to 1,000 (the sha256 covers everything but the plan's free-form `meta`)
+
+
+def _formats(sha256: str, plan: Any) -> list[str]:
+    if sha256 not in _FORMATS:
+        if len(_FORMATS) >= 100_000:
+            _FORMATS.clear()
+        try:
+            _FORMATS[sha256] = tuple(plan_formats(Plan.from_dict(plan)))
+        except QuantPlanError:
+            _FORMATS[sha256] = ()
+    return list(_FORMATS[sha256])
 
 
 def leaderboard_view(model: str, page: LeaderboardPage) -> dict[str, Any]:

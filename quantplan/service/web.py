@@ -110,9 +110,8 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
         except NotFoundError as e:
             return page.render("error.html", 404, message=str(e))
         views = [page.plan(p) for p in board.plans]
-        if q["format"]:
-            kind = artifact_kind(q["format"])
-            views = [v for v in views if any(a["kind"] == kind for a in v["artifacts"])]
+        if q["format"]:  # plans whose schemes the target format expresses (`views.plan_view`'s `formats`)
+            views = [v for v in views if q["format"] in v.get("formats", ())]
         base = _base_perplexity(views) or next((m.base_perplexity for m in repo.model_summaries()
                                                 if m.name == q["model"]), None)
         plot = pareto_plot(views, x=q["x"], y=q["y"], log=q["log"], base_perplexity=base)

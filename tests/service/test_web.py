@@ -230,6 +230,11 @@ def test_plot_axes_switch_and_the_table_sorts_and_filters(browser: WebDriver, se
     rows = browser.find_elements(By.CSS_SELECTOR, "#plans tbody tr")
     acts = {r.find_elements(By.TAG_NAME, "td")[6].text for r in rows}
     assert acts == {"16"}
+    for fmt in ("quantplan", "compressed-tensors"):  # the target format: plans whose schemes it expresses
+        visit(browser, server, board_path(server, format=fmt))
+        rows = browser.find_elements(By.CSS_SELECTOR, "#plans tbody tr[data-plan-id]")
+        shown = {int(r.get_attribute("data-plan-id")) for r in rows}
+        assert shown == {p["id"] for p in server["plans"] if fmt in p["formats"]}
 
 
 def test_heatmap_has_a_cell_per_quantized_layer_coloured_by_its_bits(browser: WebDriver, server: dict) -> None:

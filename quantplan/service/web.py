@@ -19,10 +19,11 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -43,6 +44,7 @@ COOKIE = "quantplan_token"
 
 SORTS = {"id": "id", "avg_bits": "avg bits", "bytes": "bytes", "act_bits": "act", "predicted_loss": "pred. loss",
          "perplexity": "perplexity", "kl": "KL"}
+Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]  # as the API's ids: a 32-bit database key
 MAX_PLANS = 1000  # a leaderboard page shows (and plots) at most this many plans
 
 
@@ -122,7 +124,7 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
         return response
 
     @router.get("/plans/{plan_id}", response_class=HTMLResponse)
-    def plan(request: Request, plan_id: int) -> Response:
+    def plan(request: Request, plan_id: Id) -> Response:
         page = Page(services, request)
         try:
             view = page.plan(repo.get_plan(plan_id), full=True)
@@ -138,14 +140,14 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
                            base_perplexity=view_metric(view, "base_perplexity"))
 
     @router.get("/plans/{plan_id}/plan.json")
-    def plan_file(request: Request, plan_id: int) -> Response:
+    def plan_file(request: Request, plan_id: Id) -> Response:
         if not Page(services, request).readable():
             return _unauthorized()
         record = repo.get_plan(plan_id)
         return JSONResponse(record.plan, headers={"Content-Disposition": f'attachment; filename="plan-{plan_id}.json"'})
 
     @router.get("/plans/{plan_id}/download/{fmt}")
-    def download(request: Request, plan_id: int, fmt: str) -> Response:
+    def download(request: Request, plan_id: Id, fmt: str) -> Response:
         if not Page(services, request).readable():
             return _unauthorized()
         record = repo.get_plan(plan_id)
@@ -174,7 +176,7 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
         return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-    def job(request: Request, job_id: int) -> Response:
+    def job(request: Request, job_id: Id) -> Response:
         page = Page(services, request)
         try:
             record = repo.get_job(job_id)
@@ -187,7 +189,7 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
                            running=view["status"] not in FINAL, may_cancel=page.may_cancel(job_view(record)))
 
     @router.post("/jobs/{job_id}/cancel")
-    def cancel(request: Request, job_id: int) -> Response:
+    def cancel(request: Request, job_id: Id) -> Response:
         page = Page(services, request)
         if page.signed_in is None:
             return _unauthorized()

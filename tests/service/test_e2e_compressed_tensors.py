@@ -55,6 +55,7 @@ def _the_api_builds_the_same_checkpoint_once(db: str, artifacts: str, job: dict[
     from fastapi.testclient import TestClient
 
     from quantplan.service.api import create_app
+    from quantplan.service.client import Client
     from quantplan.settings import load_settings
 
     settings = load_settings(database_url=db, artifacts=artifacts, model_roots=job["model"],
@@ -67,6 +68,12 @@ def _the_api_builds_the_same_checkpoint_once(db: str, artifacts: str, job: dict[
         kinds = {a["kind"] for a in api.get(f"/v1/plans/{plan['id']}").json()["artifacts"]}
         assert kinds == {"packed", "compressed-tensors"}
         assert api.get(url, params={"format": "onnx"}).status_code == 422
+        client = Client("http://testserver")
+        client.http = api  # `quantplan download --format compressed-tensors` through this app
+        got = client.download(plan["id"], local.parent / "downloaded", format="compressed-tensors")
+        assert got["sha256"] == first.headers["X-Content-SHA256"]
+        downloaded = (local.parent / "downloaded" / "model.safetensors").read_bytes()
+        assert downloaded == (local / "model.safetensors").read_bytes()
     with tarfile.open(fileobj=io.BytesIO(first.content)) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("model.safetensors"))
         served = tar.extractfile(member).read()

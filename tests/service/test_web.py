@@ -27,6 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
@@ -202,7 +203,11 @@ def test_clicking_a_point_opens_its_plan(browser: WebDriver, server: dict) -> No
         }
         return null;""")
     assert plan_id is not None
-    browser.find_element(By.CSS_SELECTOR, f'a.point[data-plan-id="{plan_id}"] :is(circle, rect, polygon)').click()
+    marker = browser.find_element(By.CSS_SELECTOR, f'a.point[data-plan-id="{plan_id}"] :is(circle, rect, polygon)')
+    ActionChains(browser).move_to_element(marker).perform()  # hovering lights up the plan's table row
+    WebDriverWait(browser, WAIT).until(ec.presence_of_element_located(
+        (By.CSS_SELECTOR, f'#plans tr.hot[data-plan-id="{plan_id}"]')))
+    marker.click()
     WebDriverWait(browser, WAIT).until(ec.url_matches(rf"/plans/{plan_id}$"))
     assert browser.find_element(By.TAG_NAME, "h1").text.startswith(f"Plan {plan_id}")
 

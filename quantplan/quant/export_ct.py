@@ -138,15 +138,17 @@ def _write(job: ExportJob, tmp: Path) -> None:
         groups[str(layer.spec.scheme)].append(name)
     job.quantized.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    config = quantization_config(groups, _head_name(job.quantized), ct)
-    path = tmp / "config.json"
-    data = json.loads(path.read_text())
-    data["quantization_config"] = config
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    _add_quantization_config(tmp / "config.json", quantization_config(groups, _head_name(job.quantized), ct))
     files = {p.name: _file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     _write_manifest(tmp, {"format": MANIFEST_FORMAT, "version": 1, "base_model": dict(job.base_model),
                           "layers": {n: str(layer.spec.scheme) for n, layer in sorted(staged.items())}, "files": files})
     log.info("wrote %d quantized layers in %d config groups as compressed-tensors", len(staged), len(groups))
+
+
+def _add_quantization_config(path: Path, config: Mapping[str, Any]) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["quantization_config"] = dict(config)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _staged_layers(model: nn.Module) -> dict[str, StagedLinear]:

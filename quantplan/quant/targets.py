@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from quantplan.errors import PlanError
 from quantplan.quant.kernels.served import serving
 from quantplan.quant.plan import REGEX_PREFIX, Plan
 from quantplan.quant.schemes import ActScheme, LayerScheme
@@ -32,18 +31,12 @@ FUSED_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
 _DEFAULT_FUSED = _QKV_GATE_UP  # model types vLLM's table has not been copied for: the common Llama-style names
 
 
-def check_target(target: str) -> str:
-    if target not in TARGETS:
-        raise PlanError(f"unknown deployment target {target!r}; use one of {', '.join(TARGETS)}")
-    return target
-
-
 def ct_scheme_reason(scheme: LayerScheme) -> str | None:
     """Why compressed-tensors cannot express `scheme` (None when it can, w16:a16 included: left dense)."""
     w, a = scheme.weight, scheme.act
     if not w.quantized:
         return None if not a.quantized else "activation-only quantization (w16:a8-*) has no compressed-tensors scheme"
-    if str(a) not in ("a16", "a8-static", "a8-dynamic", "a8-lae", "a8-smooth"):
+    if str(a) not in ACT_ARGS:
         return f"the activation strategy {a} is not one compressed-tensors knows"
     if a.quantized and w.bits == 8 and w.asymmetric:
         return "asymmetric 8-bit weights with int8 activations: no int8 kernel takes weight zero-points"

@@ -32,9 +32,10 @@ from quantplan.errors import QuantPlanError
 from quantplan.service.access import User, find_user, public_job, public_plan
 from quantplan.service.client import SHA_HEADER
 from quantplan.service.confine import confine
+from quantplan.service.exports import FORMATS, PACKED, artifact_in_format, kind
 from quantplan.service.jobs import JobSpec
 from quantplan.service.views import FINAL, job_view, plan_view, step_line
-from quantplan.service.webplan import artifact_kind, cost_by_scheme, export_formats, heatmap
+from quantplan.service.webplan import cost_by_scheme, export_formats, heatmap
 from quantplan.service.webplot import X_AXES, Y_AXES, pareto_plot, plan_kind
 from quantplan.storage import NotFoundError
 from quantplan.storage.artifacts import CHUNK
@@ -132,8 +133,8 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
             return page.render("error.html", 404, message=str(e))
         model = repo.get_model(view["model_id"])
         kinds = {a["kind"]: a for a in view["artifacts"]}
-        downloads = [{"format": name, "description": about, "artifact": kinds.get(artifact_kind(name))}
-                     for name, about in export_formats()]
+        downloads = [{"format": name, "description": about, "artifact": kinds.get(_kind(name)),
+                      "servable": name in FORMATS} for name, about in export_formats()]
         server = str(request.base_url).rstrip("/")
         return page.render("plan.html", plan=view, model=model, heatmap=heatmap(view["plan"]),
                            cost=cost_by_scheme(view["plan"]), downloads=downloads, server=server,
@@ -151,9 +152,14 @@ def _routes(services: Any) -> APIRouter:  # noqa: C901 - one closure per page ke
         if not Page(services, request).readable():
             return _unauthorized()
         record = repo.get_plan(plan_id)
-        found = next((a for a in record.artifacts if a.kind == artifact_kind(fmt)), None)
-        if found is None:
-            raise NotFoundError(f"plan {plan_id} has no stored artifact in the {fmt!r} format")
+        found = next((a for a in record.artifacts if a.kind == kind(fmt)), None)  # kind() refuses unknown formats
+        if found is None:  # as GET /v1/plans/{id}/artifact?format=: built from the packed artifact, then kept
+            if not any(a.kind == PACKED for a in record.artifacts):
+                raise NotFoundError(f"plan {plan_id} has no materialized artifact; pick a plan whose `artifacts` "
+                                    "lists one (the job materializes its best plans)")
+            settings = services.settings
+            found = artifact_in_format(repo, store, record, fmt,
+                                       confined=bool(settings.roots("model") or settings.roots("data")))
         headers = {SHA_HEADER: found.sha256, "Content-Length": str(found.bytes), "ETag": f'"{found.sha256}"',
                    "Content-Disposition": f'attachment; filename="plan-{plan_id}-{fmt}.tar"'}
         return StreamingResponse(_chunks(store.open(found.sha256)), media_type="application/x-tar", headers=headers)
@@ -280,6 +286,10 @@ def _link(q: Mapping[str, Any], **changes: Any) -> str:
     flags = ("log", "pareto_only", "distinct")
     query = {k: ("1" if k in flags else v) for k, v in merged.items() if v not in (None, "", False)}
     return "/leaderboard?" + urlencode(query)
+
+
+def _kind(fmt: str) -> str | None:
+    return kind(fmt) if fmt in FORMATS else None
 
 
 def _format_names() -> tuple[str, ...]:

@@ -27,7 +27,6 @@ _PROJECTIONS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "out
 BIT_COLOURS = {2: ("#08306b", "#ffffff"), 3: ("#2171b5", "#ffffff"), 4: ("#6baed6", "#000000"),
                8: ("#c6dbef", "#000000"), 16: ("#f7fbff", "#000000")}
 ACT_MARKS = {"a16": "", "a8-static": "S", "a8-dynamic": "D", "a8-lae": "L", "a8-smooth": "Q"}
-ARTIFACT_KINDS = {"quantplan": "packed"}  # the stored artifact kind of an export format (else the format's name)
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,3 @@ def export_formats() -> tuple[tuple[str, str], ...]:
         import quantplan.quant.export_ct  # noqa: F401
 
     return tuple((f.name, f.description) for f in EXPORT_FORMATS.values())
-
-
-def artifact_kind(fmt: str) -> str:
-    return ARTIFACT_KINDS.get(fmt, fmt)

@@ -267,8 +267,8 @@ def _write_artifact(job: ExportJob, tmp: Path) -> None:
     tensors, layers = _artifact_tensors(job.quantized, job.report)
     atomic_write_text(tmp / PLAN_FILE, job.plan.to_json())
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=_weights_metadata(_index(layers, job.report.folded)))
-    files = {name: _file_entry(tmp / name) for name in HASHED_FILES}
-    _write_manifest(tmp, _manifest(job.base_model, job.report, layers, tensors, files, job.calibration))
+    files = {name: file_entry(tmp / name) for name in HASHED_FILES}
+    write_manifest(tmp, _manifest(job.base_model, job.report, layers, tensors, files, job.calibration))
     if job.measure is not None:
         record_metrics(tmp, job.measure(tmp))
 
@@ -386,7 +386,7 @@ def record_metrics(path: str | os.PathLike[str], metrics: Mapping[str, Any]) -> 
     info = read_manifest(path)
     manifest = dict(info.manifest)
     manifest["metrics"] = {**manifest["metrics"], **_finite(metrics)}
-    _write_manifest(info.path, manifest)
+    write_manifest(info.path, manifest)
     return read_manifest(info.path)
 
 
@@ -408,7 +408,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
+def file_entry(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
@@ -416,7 +416,7 @@ def _canonical(data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def _write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
+def write_manifest(root: Path, manifest: Mapping[str, Any]) -> None:
     """The manifest in canonical form, carrying the sha256 of its own canonical form without that key."""
     body = {k: v for k, v in manifest.items() if k != CHECKSUM_KEY}
     digest = hashlib.sha256(_canonical(body).encode()).hexdigest()
@@ -479,7 +479,7 @@ def verify_artifact(path: str | os.PathLike[str], model: nn.Module | None = None
 def _verify_file(path: Path, entry: Mapping[str, Any]) -> None:
     if not path.is_file():
         raise ArtifactError(f"artifact file {path} is missing: {_corrupted()}")
-    actual = _file_entry(path)
+    actual = file_entry(path)
     if actual["bytes"] != entry.get("bytes") or actual["sha256"] != entry.get("sha256"):
         raise ArtifactError(
             f"{path} fails its sha256 check (manifest {str(entry.get('sha256'))[:12]}..., file "

@@ -36,7 +36,7 @@ from torch import nn
 
 from quantplan.errors import ArtifactError, PlanError
 from quantplan.quant.apply import resolve_plan, validate_plan
-from quantplan.quant.artifact import ExportFormat, ExportJob, _file_entry, _write_manifest, register_export_format
+from quantplan.quant.artifact import ExportFormat, ExportJob, file_entry, register_export_format, write_manifest
 from quantplan.quant.modules import linear_shape
 from quantplan.quant.packing import unpack_weight
 from quantplan.quant.plan import LayerSpec, Plan
@@ -139,8 +139,8 @@ def _write(job: ExportJob, tmp: Path) -> None:
     job.quantized.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _add_quantization_config(tmp / "config.json", quantization_config(groups, _head_name(job.quantized), ct))
-    files = {p.name: _file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    _write_manifest(tmp, {"format": MANIFEST_FORMAT, "version": 1, "base_model": dict(job.base_model),
+    files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    write_manifest(tmp, {"format": MANIFEST_FORMAT, "version": 1, "base_model": dict(job.base_model),
                           "layers": {n: str(layer.spec.scheme) for n, layer in sorted(staged.items())}, "files": files})
     log.info("wrote %d quantized layers in %d config groups as compressed-tensors", len(staged), len(groups))
 

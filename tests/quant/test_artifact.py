@@ -259,7 +259,7 @@ def test_another_base_model_is_refused(stories: Case, stories_artifact: Path) ->
 
 def rewrite_manifest(path: Path, **changes: object) -> None:
     manifest = json.loads((path / art.MANIFEST_FILE).read_text())
-    art._write_manifest(path, {**manifest, **changes})
+    art.write_manifest(path, {**manifest, **changes})
 
 
 @pytest.mark.parametrize(("version", "advice"), [(3, "upgrade quantplan, or materialize"),
@@ -283,7 +283,7 @@ def rewrite_weights(path: Path, change) -> None:
     change(tensors, meta)
     save_file(tensors, str(path / art.WEIGHTS_FILE), metadata=meta)
     manifest = json.loads((path / art.MANIFEST_FILE).read_text())
-    rewrite_manifest(path, files={**manifest["files"], art.WEIGHTS_FILE: art._file_entry(path / art.WEIGHTS_FILE)})
+    rewrite_manifest(path, files={**manifest["files"], art.WEIGHTS_FILE: art.file_entry(path / art.WEIGHTS_FILE)})
 
 
 @pytest.mark.parametrize(

@@ -211,7 +211,7 @@ def test_manifest_checksums_and_overwrite(tmp_path: Path) -> None:
     assert manifest["format"] == "quantplan.compressed-tensors-export" and manifest["manifest_sha256"]
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
     for name, entry in manifest["files"].items():
-        assert entry == art._file_entry(out / name)
+        assert entry == art.file_entry(out / name)
     art.export(model, Plan.uniform("w8"), None, out, format=CT, tokenizer=Tok(), overwrite=True)  # an earlier export
     assert json.loads((out / "manifest.json").read_text())["layers"]["model.layers.0.mlp.up_proj"] == "w8:a16"
     with pytest.raises(ArtifactError, match="is not a QuantPlan artifact"):

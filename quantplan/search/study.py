@@ -175,9 +175,10 @@ _storages: dict[str, optuna.storages.RDBStorage] = {}  # one per database URL an
 _storages_lock = threading.Lock()
 
 
-def _storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's storage of `url`, created once per process. Creating it creates Optuna's tables: concurrent
-    creators take turns under `schema_lock`, and one that loses a race or meets a short outage tries again."""
+def study_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage of `url`, created once per process (pass it to `optuna.load_study` to read a study).
+    Creating it creates Optuna's tables: concurrent creators take turns under `schema_lock`, and one that loses a
+    race or meets a short outage tries again."""
     with _storages_lock:
         if url not in _storages:
             def create() -> optuna.storages.RDBStorage:
@@ -192,7 +193,7 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
 
 def _open_study(url: str, name: str, config: dict[str, Any]) -> optuna.Study:
     try:
-        storage = _storage(url)
+        storage = study_storage(url)
         study = retry_transient(lambda: optuna.create_study(
             storage=storage, study_name=name, directions=list(DIRECTIONS), load_if_exists=True,
             sampler=optuna.samplers.RandomSampler()), f"opening study {name!r}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -28,6 +29,20 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
+def ensure_current(engine: Engine) -> None:
+    """Migrate the database to the newest revision unless it is there: the check and the upgrade together under
+    `schema_lock`, tried again (briefly) after a transient error such as SQLite's "database is locked" while
+    another process creates the file."""
+    url = engine.url.render_as_string(hide_password=False)
+
+    def locked() -> None:
+        with _schema_lock(url):
+            if current_revision(engine) != head_revision():
+                _run(engine, lambda cfg: command.upgrade(cfg, "head"), "upgrade to head")
+
+    retry_transient(locked, "migration to head", tries=4)
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database up to `revision` (default: the newest). Any number of processes may do this at once:
     they take turns under `schema_lock` (the later ones find the schema current), and the loser of a race outside
@@ -35,7 +50,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     url = engine.url.render_as_string(hide_password=False)
 
     def locked() -> None:
-        with schema_lock(url):
+        with _schema_lock(url):
             _run(engine, lambda cfg: command.upgrade(cfg, revision), f"upgrade to {revision}")
 
     retry_transient(locked, f"migration to {revision}")
@@ -59,6 +74,17 @@ def current_revision(engine: Engine) -> str | None:
             return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
     except SQLAlchemyError as e:
         raise translate(e, str(engine.url)) from e
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """`schema_lock`, a database error while taking it as our `StorageError`."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(schema_lock(url))
+        except SQLAlchemyError as e:
+            raise translate(e, url) from e
+        yield
 
 
 def _run(engine: Engine, action: Callable[[Config], None], what: str) -> None:

@@ -248,9 +248,8 @@ class Repository:
             self.migrate()
 
     def migrate(self) -> None:
-        """Upgrade the schema to the newest revision (no-op when already there)."""
-        if migrate.current_revision(self.db.engine) != migrate.head_revision():
-            migrate.upgrade(self.db.engine)
+        """Upgrade the schema to the newest revision (no-op when already there; safe in concurrent processes)."""
+        migrate.ensure_current(self.db.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -19,7 +19,7 @@ from quantplan.search.budget import Budget
 from quantplan.search.problem import compile_problem
 from quantplan.search.recipes import RECIPES
 from quantplan.search.space import SearchError, SearchSpace
-from quantplan.search.study import DB_ENV, KNAPSACK, StudySettings, database_url, run_search
+from quantplan.search.study import DB_ENV, KNAPSACK, StudySettings, database_url, run_search, study_storage
 from quantplan.search.synthetic import llama_block, synthetic_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,9 @@ def problem():
 
 
 def _stored(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    # the process's storage, created under the schema lock: the poller below opens the database while the search
+    # it watches creates Optuna's tables
+    return optuna.load_study(study_name=name, storage=study_storage(url)).get_trials(deepcopy=False)
 
 
 def _recipes(trials) -> Counter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -300,12 +301,24 @@ app.command("convert-gguf")(convert_gguf_command)
 app.command("generate")(generate_command)
 
 
+# a full disk, a quota, a read-only or unwritable place: the environment's fault, said in one line
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry: user errors print one line and exit 1, without a traceback."""
+    """Console-script entry: user errors (and a full or unwritable disk) print one line and exit 1, without a
+    traceback."""
     try:
         app(args=argv, prog_name="quantplan")
     except QuantPlanError as e:
         print_error(str(e))
+        raise SystemExit(1) from None
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print_error(f"cannot write{where}: {e.strerror or e}; free some space or choose a writable place (the "
+                    "output directory, QUANTPLAN_ARTIFACTS, QUANTPLAN_CACHE_DIR)")
         raise SystemExit(1) from None
 
 

@@ -7,6 +7,7 @@ releases the job."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -103,6 +104,20 @@ def test_database_text_stays_in_the_log(tmp_path, monkeypatch) -> None:
     done = runner.run_once()
     assert (done.id, done.status) == (job.id, "failed")
     assert "reference" in done.error and "db.internal" not in done.error
+
+
+def test_a_full_or_unwritable_disk_is_one_error_line(capsys, monkeypatch) -> None:
+    from quantplan.service import cli
+
+    def full(**_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/artifacts/.tmp-plan")
+
+    monkeypatch.setattr(cli, "app", full)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["materialize"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert "No space left on device" in err and "/data/artifacts/.tmp-plan" in err and "Traceback" not in err
 
 
 def test_a_stopping_runner_gives_the_job_back(tmp_path, monkeypatch) -> None:

@@ -43,6 +43,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from quantplan.quant.artifact import load_quantized
+    from quantplan.quant.qlinear import set_cpu_kernels
     from quantplan.workers.data import load_text
     from quantplan.workers.generate import generate, model_bytes
     from quantplan.workers.models import load_model
@@ -51,6 +52,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     net, tok = load_model(args.model)
     if args.child != "-":
         load_quantized(net, args.child)
+        set_cpu_kernels(net, args.cpu_kernels)
     text = load_text(args.data, "test")
     ids = tok(text[:200_000], return_tensors="pt").input_ids[0]
     need = args.prompt_tokens * max(args.batch)
@@ -98,6 +100,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cpu-kernels", default="fast", choices=("fast", "exact"), help="the applied models' CPU "
+                   "kernels (docs/FORMAT.md)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one model ('-' = float) and print JSON
     args = p.parse_args()
@@ -115,7 +119,8 @@ def main() -> None:
         name, _, path = item.partition("=")
         models[name] = path
     common = ["--model", args.model, "--data", args.data, "--prompt-tokens", str(args.prompt_tokens),
-              "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--batch",
+              "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--cpu-kernels", args.cpu_kernels,
+              "--batch",
               *map(str, args.batch)]
     results = {}
     for name, path in models.items():
@@ -125,8 +130,9 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"{name}: {done.stderr.strip().splitlines()[-1:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    report = {"model": args.model, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "results": results, "llama_cpp": llama_cpp_note()}
+    report = {"model": args.model, "threads": args.threads, "cpu_kernels": args.cpu_kernels,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "results": results,
+              "llama_cpp": llama_cpp_note()}
     if args.json:
         print(json.dumps(report, indent=1))
         return

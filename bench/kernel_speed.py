@@ -3,7 +3,8 @@
 CUDA: latency of the Triton W4A8 (g128, dynamic per-token int8 activations), W8A8 and W4A16 (g128) layers, the
 W4A8 GEMM alone, and torch fp16 `F.linear`; speedup over fp16; effective weight bandwidth against the roofline
 floor (packed weight bytes / peak memory bandwidth, `--bandwidth-gbs`, H100 SXM 3350 GB/s by default).
-CPU: the torch path (the same integer arithmetic) against an fp32 `nn.Linear` of the same shape.
+CPU: the torch path (the same integer arithmetic) against an fp32 `nn.Linear` of the same shape, and for the
+W4A8/W4A16 layers also the fast CPU kernels (`cpu_kernels="fast"`: bf16 products, rows named "... fast").
 
     python bench/kernel_speed.py                    # the device it finds; CPU defaults to M in 1 16 64 256
     python bench/kernel_speed.py --m 1 16 --shapes 4096x4096 --json out.json
@@ -12,6 +13,7 @@ CPU: the torch path (the same integer arithmetic) against an fp32 `nn.Linear` of
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from quantplan.quant.kernels.dispatch import quantize_activations
 from quantplan.quant.kernels.w4a8 import w4a8_triton
 from quantplan.quant.plan import LayerSpec
-from quantplan.quant.qlinear import QuantLinear
+from quantplan.quant.qlinear import FAST_KERNELS, QuantLinear
 from quantplan.quant.schemes import ActScheme, LayerScheme
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (K in_features, N out_features)
@@ -72,6 +74,11 @@ def layers(k: int, n: int, device: str, dtype: torch.dtype,
     gen = torch.Generator().manual_seed(k * 7 + n)
     w = torch.randn(n, k, generator=gen) / k**0.5
     built = {s: QuantLinear.from_float(w, None, LayerSpec(LayerScheme.parse(s))).to(device) for s in schemes}
+    if device == "cpu":  # each W4A8/W4A16 layer also with the fast (bf16) CPU kernels
+        for s in schemes:
+            if built[s].kernel.name in FAST_KERNELS:
+                built[f"{s} fast"] = fast = copy.deepcopy(built[s])
+                fast.cpu_kernels = "fast"
     return w.to(device, dtype), built
 
 

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 
 from quantplan.quant.act_handlers import ActParams, act_handler
-from quantplan.quant.kernels.cpu import INT4PACK_ROWS, int4pack_serves, prepare_int4pack
+from quantplan.quant.kernels.cpu import CPU_KERNEL_MODES, FastCPU
 from quantplan.quant.kernels.dispatch import Kernel, quantized_linear, select_kernel, weight_row_sums
-from quantplan.quant.kernels.runtime import resolve_backend
+from quantplan.quant.kernels.runtime import KernelError, resolve_backend
 from quantplan.quant.packing import PackedWeight, pack_weight
 from quantplan.quant.plan import LayerSpec
 from quantplan.quant.quantizers import quantize_weight
 from quantplan.quant.schemes import ActScheme, LayerScheme
 
-INT4PACK_KERNELS = ("w4a8", "w4a16")  # the kernels whose small-M CPU calls the int4pack GEMM takes over
+FAST_KERNELS = ("w4a8", "w4a16")  # the kernels whose CPU products cpu_kernels="fast" replaces (quant.kernels.cpu)
 
 
 class QuantLinear(nn.Module):
@@ -47,6 +47,7 @@ class QuantLinear(nn.Module):
         backend: str | None = None,
         act_params: ActParams | None = None,
         kernel: Kernel | None = None,
+        cpu_kernels: str = "exact",
     ) -> None:
         super().__init__()
         self.scheme = LayerScheme(packed.scheme, act)
@@ -70,7 +71,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("inv_pre_scale", inv_pre_scale)
         self._packed = packed
         self._prepared: dict[str, tuple[tuple[int, torch.device, int], Any]] = {}
-        self._int4pack: bool | None = None  # whether small inputs take the CPU int4pack GEMM (decided once)
+        self._fast = False
+        self.cpu_kernels = cpu_kernels  # decided once per layer: which kernel family runs it on the CPU
         self.register_load_state_dict_post_hook(QuantLinear._forget_prepared)
 
     @classmethod
@@ -109,7 +111,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> QuantLinear:
         super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), ... replace the buffers: re-wrap them once
         self._packed = PackedWeight(self.codes, self.scales, self.zeros, self.in_features, self.scheme.weight)
-        self._prepared, self._int4pack = {}, None
+        self._prepared = {}
         return self
 
     def _forget_prepared(self, incompatible_keys: object) -> None:
@@ -138,16 +140,30 @@ class QuantLinear(nn.Module):
             kernel=self.kernel,
             act_params=self.act_params,
             row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
-            int4pack=self._cached("int4pack", prepare_int4pack) if on_torch and self._int4pack_rows(x) else None,
+            fast=self._cached("fast", FastCPU.build) if on_torch and self._fast else None,
         )
 
-    def _int4pack_rows(self, x: torch.Tensor) -> bool:
-        """Whether this call goes through the CPU int4pack GEMM: decided per layer (4-bit grouped weights of a
-        shape it packs, a kernel it stands in for) once, then by the rows of the input."""
-        if self._int4pack is None:
-            self._int4pack = self.kernel.name in INT4PACK_KERNELS and int4pack_serves(self._packed)
-        return self._int4pack and x.numel() // max(1, self.in_features) <= INT4PACK_ROWS
+    @property
+    def cpu_kernels(self) -> str:
+        """'exact' (the integer and fp32 torch paths: what evaluations measure) or 'fast' (bf16 products: torch's
+        int4 GEMM for few rows, a bf16 GEMM above; for generation) on the CPU; W8A8 layers are exact in both."""
+        return "fast" if self._fast else "exact"
+
+    @cpu_kernels.setter
+    def cpu_kernels(self, mode: str) -> None:
+        if mode not in CPU_KERNEL_MODES:
+            raise KernelError(f"unknown CPU kernel mode {mode!r}: use one of {', '.join(CPU_KERNEL_MODES)}")
+        self._fast = mode == "fast" and self.kernel.name in FAST_KERNELS
+        self._prepared.pop("fast", None)
 
     def extra_repr(self) -> str:
         extra = ", pre_scale" if self.inv_pre_scale is not None else ""
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}, kernel={self.kernel.name}{extra}"
+
+
+def set_cpu_kernels(model: nn.Module, mode: str) -> int:
+    """Set `cpu_kernels` ('exact' or 'fast') on every QuantLinear of `model`; returns how many layers it set."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.cpu_kernels = mode
+    return len(layers)

@@ -23,6 +23,9 @@ def generate_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16 | bfloat16 | auto")] = "float32",
     device: Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:<index>")] = "cpu",
+    cpu_kernels: Annotated[str, typer.Option("--cpu-kernels", help="fast (bf16 products: torch's int4 GEMM for "
+                                             "decoding, a bf16 GEMM for the prompt) | exact (the integer and fp32 "
+                                             "paths evaluations measure)")] = "fast",
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: torch's)")]
     = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the text and the timings as one JSON document "
@@ -33,9 +36,12 @@ def generate_command(
     import torch
 
     from quantplan.quant.artifact import load_quantized, read_manifest
+    from quantplan.quant.qlinear import set_cpu_kernels
     from quantplan.workers.generate import generate, model_bytes
     from quantplan.workers.models import load_model
 
+    if cpu_kernels not in ("exact", "fast"):
+        raise GenerateError(f"unknown --cpu-kernels {cpu_kernels!r}: use fast or exact")
     if threads is not None:
         torch.set_num_threads(threads)
     if artifact is not None:
@@ -43,6 +49,7 @@ def generate_command(
     net, tokenizer = load_model(model, dtype=dtype, device=device)
     if artifact is not None:
         load_quantized(net, artifact)
+        set_cpu_kernels(net, cpu_kernels)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise GenerateError("the prompt has no tokens: pass some text with --prompt")

@@ -1,17 +1,17 @@
-"""The CPU int4pack path for small M (decoding): torch's int4 GEMM against the float64 reference, on odd shapes;
-chosen once per layer; larger inputs keep the exact integer paths."""
+"""The fast CPU kernels (bf16): torch's int4 GEMM for few rows and a bf16 GEMM above, against the float64 reference
+and the simulation on odd shapes; built once per layer; the exact paths stay the default."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from quantplan.quant.kernels import cpu
-from quantplan.quant.kernels.cpu import INT4PACK_ROWS, INT4PACK_RTOL, int4pack_mm, int4pack_serves, prepare_int4pack
+from quantplan.quant.kernels.cpu import INT4PACK_RTOL, FastCPU, int4pack_mm, int4pack_serves, prepare_int4pack
 from quantplan.quant.kernels.dispatch import quantize_activations
+from quantplan.quant.kernels.runtime import KernelError
 from quantplan.quant.modules import FakeQuantLinear
 from quantplan.quant.plan import LayerSpec
-from quantplan.quant.qlinear import QuantLinear
+from quantplan.quant.qlinear import QuantLinear, set_cpu_kernels
 from quantplan.quant.quantizers import static_scale_from_absmax
 from quantplan.quant.schemes import ActScheme, LayerScheme
 from tests.quant.kernels.reference import TOL, make_weight, ref_a8, ref_a16, rel_err, seeded
@@ -45,12 +45,13 @@ def test_what_int4pack_serves() -> None:
 
 
 @pytest.mark.parametrize("scheme", ["w4g32:a8-dynamic", "w4g64a:a8-static", "w4g32:a8-lae", "w4g128:a16",
-                                    "w4g64a:a16"])
+                                    "w4g64a:a16", "w4:a8-dynamic", "w2g32a:a8-dynamic", "w8g32a:a16"])
 @pytest.mark.parametrize("m", [1, 3, 17, 64])
-def test_quant_linear_small_inputs_take_int4pack_once(monkeypatch, scheme: str, m: int) -> None:
-    """Up to INT4PACK_ROWS rows a layer runs the int4pack GEMM (close to the simulation within bf16 rounding),
-    above them the exact torch path (the simulation within TOL); the repacking happens once per layer."""
-    gen = seeded("qlinear-int4pack", scheme, m)
+def test_fast_cpu_kernels_match_the_simulation_within_bf16(monkeypatch, scheme: str, m: int) -> None:
+    """cpu_kernels="fast": the int4pack GEMM up to INT4PACK_ROWS rows where it packs the weight, the bf16 GEMM on
+    the dequantized weight otherwise; within bf16 rounding of the simulation, not bit-equal to the exact path
+    (which stays within TOL); the layout is built once per layer, whatever the number of calls."""
+    gen = seeded("fast-cpu", scheme, m)
     spec = LayerSpec(LayerScheme.parse(scheme), clip=0.9)
     k = 333
     w = torch.randn(N, k, generator=gen) * (0.5 + torch.rand(N, 1, generator=gen))
@@ -59,21 +60,31 @@ def test_quant_linear_small_inputs_take_int4pack_once(monkeypatch, scheme: str, 
     act_scale = static_scale_from_absmax((x if pre is None else x / pre).abs().max()) \
         if spec.scheme.act.needs_calibration else None
     bias = torch.randn(N, generator=gen)
+    kw = {"act_scale": act_scale, "pre_scale": pre, "backend": "torch"}
     fake = FakeQuantLinear(w, bias, spec, act_scale=act_scale, pre_scale=pre)
-    real = QuantLinear.from_float(w, bias, spec, act_scale=act_scale, pre_scale=pre, backend="torch")
-    calls = []
-    repack = cpu.prepare_int4pack
-    monkeypatch.setattr("quantplan.quant.qlinear.prepare_int4pack", lambda pw: calls.append(1) or repack(pw))
+    exact = QuantLinear.from_float(w, bias, spec, **kw)
+    fast = QuantLinear.from_float(w, bias, spec, **kw)
+    set_cpu_kernels(fast, "fast")
+    assert (exact.cpu_kernels, fast.cpu_kernels) == ("exact", "fast")
+    built = []
+    monkeypatch.setattr(FastCPU, "build", classmethod(lambda cls, pw: built.append(pw) or cls(
+        pw, prepare_int4pack(pw) if int4pack_serves(pw) else None)))
     with torch.no_grad():
         want = fake(x)
         for _ in range(3):
-            y = real(x)
-            assert y.shape == (m, N) and y.dtype == torch.float32
-    small = m <= INT4PACK_ROWS
-    assert len(calls) == (1 if small else 0)
-    assert rel_err(y, want) <= (INT4PACK_RTOL if small else TOL)
-    if small:  # really another kernel: not bit-equal to the exact path
-        exact = QuantLinear.from_float(w, bias, spec, act_scale=act_scale, pre_scale=pre, backend="torch")
-        exact._int4pack = False
-        with torch.no_grad():
-            assert not torch.equal(exact(x), y) and rel_err(exact(x), want) <= TOL
+            y = fast(x)
+        y_exact = exact(x)
+    assert y.shape == (m, N) and y.dtype == torch.float32 and len(built) == 1
+    assert rel_err(y_exact, want) <= TOL
+    assert rel_err(y, want) <= INT4PACK_RTOL and not torch.equal(y, y_exact)
+    packs = spec.scheme.weight.bits == 4 and spec.scheme.weight.group > 0
+    assert (fast._prepared["fast"][1].int4pack is not None) == packs
+
+
+def test_cpu_kernel_modes() -> None:
+    spec = LayerSpec(LayerScheme.parse("w8:a8-dynamic"))
+    layer = QuantLinear.from_float(torch.randn(N, 64), None, spec)
+    model = torch.nn.Sequential(layer)
+    assert set_cpu_kernels(model, "fast") == 1 and layer.cpu_kernels == "exact"  # W8A8 is exact and fast already
+    with pytest.raises(KernelError, match="unknown CPU kernel mode 'quick'"):
+        set_cpu_kernels(model, "quick")

@@ -76,36 +76,33 @@ ALREADY_EXISTS = ("already exists", "unique constraint failed: alembic_version",
 SCHEMA_LOCK_KEY = 0x5150_1A4E_0016  # the PostgreSQL advisory lock that serializes schema creation
 
 
-def transient(e: BaseException) -> bool:
-    """Whether `e`, or an error it was raised from, is a database outage (connection refused, lock or pool
-    timeout), or the loser of a concurrent schema creation: worth another try, never the caller's fault.
-    Our own errors say so with a true `transient` attribute (`storage.DatabaseUnavailableError`)."""
+def causes(e: BaseException) -> Iterator[BaseException]:
+    """`e` and the errors it was raised from (`__cause__`, else `__context__`), each once."""
     seen: set[int] = set()
     cause: BaseException | None = e
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if getattr(cause, "transient", False) is True:
-            return True
-        if isinstance(cause, (OperationalError, InterfaceError, PoolTimeoutError)):
-            return True
-        if isinstance(cause, (IntegrityError, ProgrammingError)) and any(
-                text in str(cause).lower() for text in ALREADY_EXISTS):
-            return True
+        yield cause
         cause = cause.__cause__ or cause.__context__
-    return False
+
+
+def transient(e: BaseException) -> bool:
+    """Whether `e`, or an error it was raised from, is a database outage (connection refused, lock or pool
+    timeout), or the loser of a concurrent schema creation: worth another try, never the caller's fault.
+    Our own errors say so with a true `transient` attribute (`storage.DatabaseUnavailableError`)."""
+    return any(_transient_one(c) for c in causes(e))
+
+
+def _transient_one(e: BaseException) -> bool:
+    if getattr(e, "transient", False) is True or isinstance(e, (OperationalError, InterfaceError, PoolTimeoutError)):
+        return True
+    return isinstance(e, (IntegrityError, ProgrammingError)) and any(t in str(e).lower() for t in ALREADY_EXISTS)
 
 
 def from_database(e: BaseException) -> bool:
     """Whether `e`, or an error it was raised from, is the database driver's: its text may hold the database's
     URL, host or schema, so it belongs in the log, not in a message a client reads."""
-    seen: set[int] = set()
-    cause: BaseException | None = e
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, SQLAlchemyError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(isinstance(c, SQLAlchemyError) for c in causes(e))
 
 
 def retry_transient(action: Callable[[], T], what: str, *, tries: int = 6, first_wait: float = 0.2) -> T:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -47,12 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantplan.errors import QuantPlanError
+from quantplan.errors import ModelLoadError, QuantPlanError
 from quantplan.progress import Listener, Progress, ProgressEvent, RichBars
 from quantplan.service.confine import HUB_ID, check_safetensors, confine
 from quantplan.service.jobs import JobSpec
 from quantplan.service.pipeline import RunOptions, SearchInputs, SearchReport, load_spec, search_stage, to_materialize
-from quantplan.settings import from_database
+from quantplan.settings import causes, from_database
 from quantplan.storage import DatabaseUnavailableError, JobRecord, JobStateError, NewPlan, Repository, transient
 from quantplan.storage.artifacts import ArtifactStore
 from quantplan.storage.db import safe_url
@@ -178,6 +179,9 @@ class Runner:
         if transient(e):
             log.warning("job %d: transient database error, released for another attempt: %s", job.id, e)
             return self._release(job.id, "a database error interrupted the job; it is retried", UNCOUNTED)
+        if any(isinstance(c, pickle.UnpicklingError) for c in causes(e)):  # torch refused a pickle: bad input
+            e = ModelLoadError(f"the model's checkpoint is a pickle file that torch refused to load ({e}); save "
+                               "the model as safetensors (`save_pretrained(dir, safe_serialization=True)`)")
         error = _message(job.id, e)
         if isinstance(e, QuantPlanError):
             log.error("job %d failed: %s", job.id, e)

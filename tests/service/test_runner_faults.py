@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -89,6 +90,22 @@ def test_database_errors_release_the_job_without_failing_it(tmp_path, monkeypatc
     assert (done.id, done.status, done.attempts) == (job.id, "queued", 1)  # max_attempts=1, and still queued
     assert "retried" in done.error and "connection refused" not in done.error
     assert transient(error) and not transient(QuantPlanError("bad input"))
+
+
+def test_a_pickle_checkpoint_torch_refuses_fails_the_job_at_once(tmp_path, monkeypatch) -> None:
+    repo, runner = _runner(tmp_path, max_attempts=3)  # local mode: not confined, so the loader meets the pickle
+    job = repo.create_job(SPEC)
+
+    def refused(self, progress):
+        try:
+            raise pickle.UnpicklingError("Weights only load failed")
+        except pickle.UnpicklingError as e:
+            raise OSError("Unable to load weights from pytorch checkpoint file") from e
+
+    monkeypatch.setattr("quantplan.service.runner.JobRun._load", refused)
+    done = runner.run_once()
+    assert (done.id, done.status, done.attempts) == (job.id, "failed", 1)
+    assert "pickle" in done.error and "safetensors" in done.error
 
 
 def test_database_text_stays_in_the_log(tmp_path, monkeypatch) -> None:

@@ -12,6 +12,8 @@ and `--new-tokens` greedy tokens with a KV cache (`quantplan.workers.generate`).
 decode tokens/s (tokens after the first, all rows), their ratio to the float model's, the model's bytes
 (parameters, buffers and the kernels' cached layouts) and the process's peak RSS during generation (VmHWM reset
 after loading, so it counts the resident model, the KV cache and the activations, and torch's own ~0.3 GB).
+With `--ppl-windows N` (default 8) each applied model's perplexity on the first N test windows of 512, with the
+run's CPU kernels and with the exact ones (which equal the simulation to float rounding: `eval --artifact`).
 Also whether llama.cpp's Python binding (the same model's Q4_1 GGUF) is importable here.
 """
 
@@ -64,7 +66,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     for batch in args.batch:
         g = generate(net, prompts[:batch], args.new_tokens)
         rows.append({"batch": batch, **g.timings()})
-    return {"rows": rows, "model_bytes": model_bytes(net), "peak_rss": _vm("VmHWM")}
+    result = {"rows": rows, "model_bytes": model_bytes(net), "peak_rss": _vm("VmHWM")}
+    if args.ppl_windows:  # the applied model's perplexity with its CPU kernels, and with the exact ones
+        from quantplan.workers.data import eval_windows
+        from quantplan.workers.evaluate import evaluate
+
+        windows = eval_windows(args.data, tok, seq_len=512, max_windows=args.ppl_windows)
+        result["perplexity"] = evaluate(net, windows).perplexity
+        if args.child != "-":
+            set_cpu_kernels(net, "exact")
+            result["perplexity_exact"] = evaluate(net, windows).perplexity
+    return result
 
 
 def _materialized(model: str, scheme: str) -> Path:
@@ -100,6 +112,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ppl-windows", type=int, default=8, help="also the perplexity on the first N test windows of "
+                   "512 with the run's CPU kernels and with the exact ones (0: skip)")
     p.add_argument("--cpu-kernels", default="fast", choices=("fast", "exact"), help="the applied models' CPU "
                    "kernels (docs/FORMAT.md)")
     p.add_argument("--json", action="store_true")
@@ -120,7 +134,7 @@ def main() -> None:
         models[name] = path
     common = ["--model", args.model, "--data", args.data, "--prompt-tokens", str(args.prompt_tokens),
               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--cpu-kernels", args.cpu_kernels,
-              "--batch",
+              "--ppl-windows", str(args.ppl_windows), "--batch",
               *map(str, args.batch)]
     results = {}
     for name, path in models.items():
@@ -158,6 +172,11 @@ def show(report: dict[str, Any]) -> None:
                           f"{r['model_bytes'] / 1e6:.0f}", f"{r['model_bytes'] / base['model_bytes']:.2f}",
                           f"{r['peak_rss'] / 1e9:.2f}")
     Console(width=160).print(table)
+    for name, r in report["results"].items():
+        if "perplexity_exact" in r:
+            print(f"{name}: perplexity {r['perplexity']:.4f} with the {report['cpu_kernels']} CPU kernels, "
+                  f"{r['perplexity_exact']:.4f} with the exact ones "
+                  f"({100 * (r['perplexity'] / r['perplexity_exact'] - 1):+.3f}%)")
     print(report["llama_cpp"])
 
 

@@ -7,6 +7,9 @@ PostgreSQL, `duplicate key value violates unique constraint "pg_type_typname_nsp
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +85,19 @@ def test_four_processes_open_a_new_database_at_once(backend: str, tmp_path: Path
         for worker in workers:
             worker.join(timeout=30)
     assert failures == []
+
+
+def test_four_runners_migrate_a_new_postgresql_database_at_once(pg_databases, tmp_path: Path) -> None:
+    """`quantplan runner` x 4 started together on a database nobody has migrated (issue 16's report: one exited with
+    `duplicate key value violates unique constraint "pg_type_typname_nsp_index"`)."""
+    url = pg_databases.create()
+    env = {**os.environ, "QUANTPLAN_CACHE_DIR": str(tmp_path / "cache"), "QUANTPLAN_ARTIFACTS": str(tmp_path / "a")}
+    procs = [subprocess.Popen([sys.executable, "-m", "quantplan.service.cli", "runner", "--once", "--db", url],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(PROCESSES)]
+    errors = [p.communicate(timeout=120)[1].decode()[-2000:] for p in procs]
+    assert [p.returncode for p in procs] == [0] * PROCESSES, errors
+    db = Database(url)
+    try:
+        assert migrate.current_revision(db.engine) == migrate.head_revision()
+    finally:
+        db.dispose()

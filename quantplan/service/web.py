@@ -293,7 +293,8 @@ def _kind(fmt: str) -> str | None:
 
 
 def _format_names() -> tuple[str, ...]:
-    return tuple(name for name, _ in export_formats())
+    """The target formats a plan view's `formats` may name (torch-free: the leaderboard does not load the registry)."""
+    return FORMATS
 
 
 def _base_perplexity(views: list[dict[str, Any]]) -> float | None:

@@ -73,6 +73,10 @@ def safe_url(url: str) -> str:
 
 # the loser of a concurrent schema creation (Alembic's or Optuna's tables, PostgreSQL's catalog)
 ALREADY_EXISTS = ("already exists", "unique constraint failed: alembic_version", "duplicate key value")
+# database errors that waiting does not cure (a wrong path, name or password), though the driver calls them
+# "operational" like an outage
+PERMANENT = ("unable to open database file", "does not exist", "authentication failed", "no such table",
+             "readonly database", "not a database")
 SCHEMA_LOCK_KEY = 0x5150_1A4E_0016  # the PostgreSQL advisory lock that serializes schema creation
 
 
@@ -90,7 +94,10 @@ def transient(e: BaseException) -> bool:
     """Whether `e`, or an error it was raised from, is a database outage (connection refused, lock or pool
     timeout), or the loser of a concurrent schema creation: worth another try, never the caller's fault.
     Our own errors say so with a true `transient` attribute (`storage.DatabaseUnavailableError`)."""
-    return any(_transient_one(c) for c in causes(e))
+    chain = list(causes(e))
+    if any(text in str(c).lower() for c in chain for text in PERMANENT):
+        return False
+    return any(_transient_one(c) for c in chain)
 
 
 def _transient_one(e: BaseException) -> bool:

@@ -90,6 +90,7 @@ def test_database_errors_release_the_job_without_failing_it(tmp_path, monkeypatc
     assert (done.id, done.status, done.attempts) == (job.id, "queued", 1)  # max_attempts=1, and still queued
     assert "retried" in done.error and "connection refused" not in done.error
     assert transient(error) and not transient(QuantPlanError("bad input"))
+    assert not transient(OperationalError("connect", {}, Exception("unable to open database file")))
 
 
 def test_a_pickle_checkpoint_torch_refuses_fails_the_job_at_once(tmp_path, monkeypatch) -> None:

@@ -136,7 +136,7 @@ class QuantLinear(nn.Module):
             inv_pre_scale=self.inv_pre_scale,
             bias=self.bias,
             backend=self.backend,
-            prepared=self._cached("weight", prepare) if on_torch and prepare is not None else None,
+            prepared=self._cached("weight", prepare) if on_torch and prepare is not None and not self._fast else None,
             kernel=self.kernel,
             act_params=self.act_params,
             row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
@@ -154,7 +154,8 @@ class QuantLinear(nn.Module):
         if mode not in CPU_KERNEL_MODES:
             raise KernelError(f"unknown CPU kernel mode {mode!r}: use one of {', '.join(CPU_KERNEL_MODES)}")
         self._fast = mode == "fast" and self.kernel.name in FAST_KERNELS
-        self._prepared.pop("fast", None)
+        for layout in ("fast", "weight"):  # each mode keeps only its own layout (memory)
+            self._prepared.pop(layout, None)
 
     def extra_repr(self) -> str:
         extra = ", pre_scale" if self.inv_pre_scale is not None else ""

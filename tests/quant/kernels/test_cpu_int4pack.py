@@ -79,6 +79,7 @@ def test_fast_cpu_kernels_match_the_simulation_within_bf16(monkeypatch, scheme: 
     assert rel_err(y, want) <= INT4PACK_RTOL and not torch.equal(y, y_exact)
     packs = spec.scheme.weight.bits == 4 and spec.scheme.weight.group > 0
     assert (fast._prepared["fast"][1].int4pack is not None) == packs
+    assert "weight" not in fast._prepared  # the exact path's layout is not kept beside the fast one
 
 
 def test_cpu_kernel_modes() -> None:

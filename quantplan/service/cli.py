@@ -16,6 +16,7 @@ from quantplan.service.convert_cmd import convert_gguf_command
 from quantplan.service.generate_cmd import generate_command
 from quantplan.service.jobs_cmd import export_command, leaderboard_command, run_command, runner_command, show_command
 from quantplan.service.remote_cmd import cancel_command, download_command, serve_command, status_command, submit_command
+from quantplan.service.scratch import datasets_scratch
 from quantplan.service.search_cmd import search_command
 
 app = typer.Typer(
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry: user errors (and a full or unwritable disk) print one line and exit 1, without a
     traceback."""
     try:
-        app(args=argv, prog_name="quantplan")
+        with datasets_scratch():  # temporary copies of data files under the cache, removed at exit
+            app(args=argv, prog_name="quantplan")
     except QuantPlanError as e:
         print_error(str(e))
         raise SystemExit(1) from None

@@ -171,7 +171,8 @@ def runner_command(
 ) -> None:
     """Claim and run queued jobs until stopped (Ctrl-C / SIGTERM: the running job goes back to the queue at its
     next progress event, and the runner exits 0)."""
-    from quantplan.service.runner import Runner, RunnerConfig, datasets_scratch
+    from quantplan.service.runner import Runner, RunnerConfig
+    from quantplan.service.scratch import datasets_scratch
 
     repo, store = open_storage(db, artifacts, ray_address)
     settings = repo.settings

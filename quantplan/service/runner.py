@@ -429,47 +429,6 @@ def _confined(spec: JobSpec, repo: Repository) -> JobSpec:
     return spec
 
 
-DATASETS_ENV = "QUANTPLAN_DATASETS_CACHE"  # where `workers.data` keeps its copies of local data files
-
-
-@contextmanager
-def datasets_scratch(cache_root: str | os.PathLike[str] | None = None) -> Iterator[Path | None]:
-    """A directory for this runner's temporary dataset copies, under the cache directory
-    (`<cache>/datasets-tmp/<host>-<pid>-<random>`, `QUANTPLAN_DATASETS_CACHE` while it runs), removed on every
-    exit; the directories of this host's runners that are no longer alive (killed) are removed on entry. A
-    `QUANTPLAN_DATASETS_CACHE` set by the user is kept as it is (None is yielded)."""
-    if os.environ.get(DATASETS_ENV):
-        yield None
-        return
-    import platformdirs
-
-    parent = Path(cache_root or os.environ.get("QUANTPLAN_CACHE_DIR") or platformdirs.user_cache_dir("quantplan"))
-    parent = parent / "datasets-tmp"
-    parent.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname()
-    for old in parent.glob(f"{host}-*"):
-        pid = old.name.removeprefix(f"{host}-").partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{host}-{os.getpid()}-", dir=parent))
-    os.environ[DATASETS_ENV] = str(path)
-    try:
-        yield path
-    finally:
-        os.environ.pop(DATASETS_ENV, None)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 @contextmanager
 def _scratch() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="quantplan-job-"))

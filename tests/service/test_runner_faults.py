@@ -22,7 +22,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from quantplan.errors import QuantPlanError
-from quantplan.service.runner import JobRun, Runner, RunnerConfig, datasets_scratch
+from quantplan.service.runner import JobRun, Runner, RunnerConfig
+from quantplan.service.scratch import datasets_scratch
 from quantplan.storage import DatabaseUnavailableError, Repository, load_settings, open_store, transient
 from tests.service.test_cli import wait_for
 from tests.service.test_runner import _trials
@@ -162,6 +163,7 @@ def test_dataset_copies_live_under_the_cache_and_go_on_every_exit(tmp_path, monk
         assert path is not None and path.parent == parent
         assert os.environ["QUANTPLAN_DATASETS_CACHE"] == str(path)
         assert not killed.exists() and other_host.exists()  # only this host's dead runners' copies go
+        path.mkdir()  # as the datasets library does for its first copy
         (path / "copy.arrow").write_bytes(b"x")
         raise RuntimeError("the job crashed")
     assert not path.exists() and "QUANTPLAN_DATASETS_CACHE" not in os.environ

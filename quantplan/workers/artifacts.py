@@ -52,6 +52,7 @@ def evaluate_artifact(
     n = len(windows)
     plain = 0 if base_result is None or kl_windows is None else max(0, n - kl_windows)  # windows without reference
     rest = None
+    kl_step = "quantized model against the unquantized" if plain else "quantized model"
     if workers:
         from quantplan.workers.tasks import evaluate_models  # Ray only when asked for
 
@@ -59,7 +60,7 @@ def evaluate_artifact(
             rest = evaluate_models(None, [model], windows[:plain], workers=workers, address=address,
                                    progress=progress)[1][0]
         measured, (result,) = evaluate_models(base, [model], windows[plain:], workers=workers, address=address,
-                                              progress=progress, step="quantized model against the unquantized")
+                                              progress=progress, step=kl_step)
         base_result = base_result or measured
     else:
         if base_result is None:
@@ -67,7 +68,7 @@ def evaluate_artifact(
         if plain:
             rest = evaluate(model, windows[:plain], batch_size=batch_size, progress=progress, step="quantized model")
         result = evaluate(model, windows[plain:], reference=base, batch_size=batch_size, progress=progress,
-                          step="quantized model against the unquantized")
+                          step=kl_step)
     assert result.kl is not None and base_result is not None
     whole = result if rest is None else merge_results([rest, result])
     return PlanEval(

@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian's chromium and chromedriver for the browser tests (tests/service/test_web.py); .ci/run runs it too
+# Debian's chromium and chromedriver for the browser tests (tests/service/test_web.py): `make test` installs them
+# when missing (apt; never a downloaded browser build)
 browser:
 	.ci/install-browser
 
@@ -27,7 +28,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+test: lint browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -80,9 +80,14 @@ class FakeQuantLinear(nn.Module):
         return {k: t for k in self._param_names if (t := getattr(self, k)) is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inv_pre_scale is not None:
+        fresh = self.inv_pre_scale is not None  # x becomes a tensor of our own
+        if fresh:
             x = x * self.inv_pre_scale
-        x = self.handler.fake_quantize(x, self.act_params)
+        if self.spec.scheme.act.quantized:
+            if x.dtype == torch.float32 and not torch.is_grad_enabled():  # evaluation: the same float ops in place
+                x = self.handler.fake_quantize_into(x if fresh else torch.empty_like(x), x, self.act_params)
+            else:
+                x = self.handler.fake_quantize(x, self.act_params)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -17,6 +17,7 @@ from quantplan.quant.act_handlers import ActParams, act_handler
 from quantplan.quant.kernels.cpu import CPU_KERNEL_MODES, FastCPU
 from quantplan.quant.kernels.dispatch import Kernel, quantized_linear, select_kernel, weight_row_sums
 from quantplan.quant.kernels.runtime import KernelError, resolve_backend
+from quantplan.quant.kernels.w4a8 import dense_weight, uses_dense
 from quantplan.quant.packing import PackedWeight, pack_weight
 from quantplan.quant.plan import LayerSpec
 from quantplan.quant.quantizers import quantize_weight
@@ -141,7 +142,16 @@ class QuantLinear(nn.Module):
             act_params=self.act_params,
             row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
             fast=self._cached("fast", FastCPU.build) if on_torch and self._fast else None,
+            dense=self._dense(x) if on_torch and not self._fast else None,
         )
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The exact W4A8 path's dequantized fp32 weight, kept once a call is large enough to use it (evaluation
+        batches: `w4a8.uses_dense`); None for other kernels and smaller calls (nothing is kept for decoding)."""
+        if self.kernel.name != "w4a8" or not uses_dense(self._packed, x.numel() // self.in_features):
+            return None
+        prepared = self._cached("weight", self.kernel.prepare)
+        return self._cached("dense", lambda pw: dense_weight(pw, prepared))
 
     @property
     def cpu_kernels(self) -> str:
@@ -154,7 +164,7 @@ class QuantLinear(nn.Module):
         if mode not in CPU_KERNEL_MODES:
             raise KernelError(f"unknown CPU kernel mode {mode!r}: use one of {', '.join(CPU_KERNEL_MODES)}")
         self._fast = mode == "fast" and self.kernel.name in FAST_KERNELS
-        for layout in ("fast", "weight"):  # each mode keeps only its own layout (memory)
+        for layout in ("fast", "weight", "dense"):  # each mode keeps only its own layouts (memory)
             self._prepared.pop(layout, None)
 
     def extra_repr(self) -> str:

@@ -123,6 +123,7 @@ def quantized_linear(
     act_params: ActParams | None = None,
     row_sums: torch.Tensor | None = None,
     fast: FastCPU | None = None,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [..., N] = Q_a(x * inv_pre_scale) @ W^T + bias for x [..., K], in `out_dtype` (default: x's dtype).
 
@@ -131,7 +132,8 @@ def quantized_linear(
     from one call to the next; without them they are worked out here. `act_params` are the strategy's calibrated
     tensors (`act_scale` is the static scale of the built-in strategies). `fast` (`FastCPU.build(pw)`): the torch
     backend computes the product in bf16 (`quant.kernels.cpu`: torch's int4 GEMM for few rows, a bf16 GEMM
-    above) instead of the exact torch path.
+    above) instead of the exact torch path. `dense` (`w4a8.dense_weight(pw)`, W4A8 on the torch backend): the
+    dequantized weight its float GEMM multiplies, kept by the caller instead of rebuilt per call.
     """
     kernel = kernel or select_kernel(LayerScheme(pw.scheme, act))
     chosen = resolve_backend(x.device, backend)
@@ -140,6 +142,8 @@ def quantized_linear(
     x2 = x.reshape(-1, pw.in_features)
     out_dtype = out_dtype or x.dtype
     extra = {"prepared": prepared} if chosen == "torch" and prepared is not None else {}
+    if chosen == "torch" and dense is not None:
+        extra["dense"] = dense
     run = kernel.triton if chosen == "triton" else kernel.torch
     if fast is not None and chosen == "torch":
         run, extra = partial(_fast_run, fast, kernel.int8_activations), {}

@@ -160,17 +160,33 @@ def w4a8_cpu(
     out_dtype: torch.dtype = torch.float32,
     *,
     prepared: torch.Tensor | None = None,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The CPU path: `w4a8_dequant` for grouped weights from DEQUANT_ROWS_PER_GROUP_WIDTH x g rows on (prefill,
     evaluation batches), else `w4a8_ref` (decoding, and per-channel weights: one int8 GEMM over K is fast).
+    `dense` (`dense_weight(pw)`, kept by the caller) spares `w4a8_dequant` the per-call dequantization.
 
     `w4a8_ref` runs one small integer GEMM per group and 64-row block (G times the output traffic of one GEMM);
     `w4a8_dequant` dequantizes the whole weight once per call and runs one float GEMM. Measured with one thread
     (docs/BENCHMARKS.md, "CPU (torch path)"): at g32 the float GEMM is 2-3x faster from 256 rows on; at g128 the
     two cross near 1,000-1,500 rows (4096 x 4096), below which the dequantization dominates."""
-    if pw.per_channel or x_q.shape[0] < DEQUANT_ROWS_PER_GROUP_WIDTH * pw.group_size:
+    if not uses_dense(pw, x_q.shape[0]):
         return w4a8_ref(x_q, x_scale, pw, bias, out_dtype, prepared=prepared)
-    return w4a8_dequant(x_q, x_scale, pw, bias, out_dtype, prepared=prepared)
+    return w4a8_dequant(x_q, x_scale, pw, bias, out_dtype, prepared=prepared, dense=dense)
+
+
+def uses_dense(pw: PackedWeight, rows: int) -> bool:
+    """Whether `w4a8_cpu` takes the float GEMM on the dequantized weight for `rows` rows."""
+    return not pw.per_channel and rows >= DEQUANT_ROWS_PER_GROUP_WIDTH * pw.group_size
+
+
+def dense_weight(pw: PackedWeight, prepared: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 [N, K_pad] weight `w4a8_dequant` multiplies: (code - zero) times its group's scale."""
+    w = prepare(pw) if prepared is None else prepared
+    scales = pw.scales.float()
+    if pw.per_channel:
+        return w.float() * scales[0][:, None]
+    return (w.float() * scales[:, :, None]).transpose(0, 1).reshape(pw.out_features, -1)  # [G, N, g] -> [N, K_pad]
 
 
 def w4a8_dequant(
@@ -181,15 +197,14 @@ def w4a8_dequant(
     out_dtype: torch.dtype = torch.float32,
     *,
     prepared: torch.Tensor | None = None,
+    dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y as `w4a8_ref` computes it, by one float32 GEMM: the weights (`prepare(pw)`: int8 codes minus zero)
-    dequantized per call with their group scales folded in, times the int8 activations. It differs from the
-    reference by float rounding only (the same products and sums, added in another order: ~1e-7 relative)."""
-    x, x_scale, w, scales, bias = _operands(x_q, x_scale, pw, bias, out_dtype, prepared)
-    if pw.per_channel:
-        weight = w.float() * scales[0][:, None]  # [N, K_pad]
-    else:  # [G, N, g] -> [N, G * g]
-        weight = (w.float() * scales[:, :, None]).transpose(0, 1).reshape(pw.out_features, -1)
+    dequantized with their group scales folded in (`dense_weight`, per call unless `dense` passes it), times the
+    int8 activations. It differs from the reference by float rounding only (the same products and sums, added in
+    another order: ~1e-7 relative)."""
+    x, x_scale, w, _, bias = _operands(x_q, x_scale, pw, bias, out_dtype, prepared)
+    weight = dense_weight(pw, w) if dense is None else dense
     return epilogue(x.float() @ weight.t(), x_scale, bias, out_dtype)
 
 

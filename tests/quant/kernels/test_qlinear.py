@@ -103,3 +103,36 @@ def test_compiled_kernels_match_the_cpu_path(scheme: str) -> None:
     with torch.no_grad():
         assert rel_err(gpu(x.cuda()).cpu(), cpu(x)) <= TOL
         assert rel_err(gpu(x.cuda().half()).float().cpu(), cpu(x.half()).float()) <= 2e-3
+
+
+def test_simulation_in_evaluation_equals_the_autograd_form() -> None:
+    """FakeQuantLinear quantizes activations in place when nothing needs gradients: bit-equal to the other form."""
+    for scheme in ("w4g32:a8-dynamic", "w4g64a:a8-static", "w4g32:a8-lae", "w4g128a:a16", "w8:a8-smooth"):
+        case = layer_inputs(scheme, torch.float32, seeded("inplace", scheme))
+        fake = FakeQuantLinear(case["weight"], case["bias"], case["spec"], act_scale=case["act_scale"],
+                               pre_scale=case["pre_scale"])
+        x = case["x"].clone()
+        with torch.no_grad():
+            y = fake(x)
+        assert torch.equal(x, case["x"])  # the caller's input is left alone
+        with torch.enable_grad():
+            assert torch.equal(fake(case["x"]).detach(), y), scheme
+
+
+def test_large_w4a8_calls_keep_the_dequantized_weight() -> None:
+    """The exact W4A8 path keeps its dequantized fp32 weight once a call is large enough for its float GEMM (8 x g
+    rows): the same numbers as w4a8_dequant computing it per call; smaller calls keep nothing more."""
+    from quantplan.quant.kernels.dispatch import quantize_activations
+    from quantplan.quant.kernels.w4a8 import w4a8_dequant
+
+    case = layer_inputs("w4g32:a8-dynamic", torch.float32, seeded("dense"))
+    layer = QuantLinear.from_float(case["weight"], case["bias"], case["spec"], backend="torch")
+    x = torch.randn(300, K, generator=seeded("dense-x"))
+    with torch.no_grad():
+        layer(x[:10])
+        assert "dense" not in layer._prepared
+        y = layer(x)
+        kept = layer._prepared["dense"][1]
+        assert torch.equal(layer(x), y) and layer._prepared["dense"][1] is kept
+        x_q, x_scale = quantize_activations(x, case["spec"].scheme.act)
+        assert torch.equal(y, w4a8_dequant(x_q, x_scale, layer.packed, layer.bias))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantplan.quant.act_handlers import ActParams, act_handler
-from quantplan.quant.kernels.cpu import CPU_KERNEL_MODES, FastCPU
+from quantplan.quant.kernels.cpu import CPU_KERNEL_MODES, INT4PACK_ROWS, FastCPU, int4pack_serves
 from quantplan.quant.kernels.dispatch import Kernel, quantized_linear, select_kernel, weight_row_sums
 from quantplan.quant.kernels.runtime import KernelError, resolve_backend
 from quantplan.quant.kernels.w4a8 import dense_weight, uses_dense
@@ -129,6 +129,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         on_torch = resolve_backend(x.device, self.backend) == "torch"
+        fast = on_torch and self._fast and x.numel() // self.in_features <= INT4PACK_ROWS
         prepare = self.kernel.prepare
         return quantized_linear(
             x,
@@ -137,12 +138,12 @@ class QuantLinear(nn.Module):
             inv_pre_scale=self.inv_pre_scale,
             bias=self.bias,
             backend=self.backend,
-            prepared=self._cached("weight", prepare) if on_torch and prepare is not None and not self._fast else None,
+            prepared=self._cached("weight", prepare) if on_torch and prepare is not None and not fast else None,
             kernel=self.kernel,
             act_params=self.act_params,
             row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
-            fast=self._cached("fast", FastCPU.build) if on_torch and self._fast else None,
-            dense=self._dense(x) if on_torch and not self._fast else None,
+            fast=self._cached("fast", FastCPU.build) if fast else None,
+            dense=self._dense(x) if on_torch and not fast else None,
         )
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -155,17 +156,17 @@ class QuantLinear(nn.Module):
 
     @property
     def cpu_kernels(self) -> str:
-        """'exact' (the integer and fp32 torch paths: what evaluations measure) or 'fast' (bf16 products: torch's
-        int4 GEMM for few rows, a bf16 GEMM above; for generation) on the CPU; W8A8 layers are exact in both."""
+        """'exact' (the integer and fp32 torch paths: what evaluations measure) or 'fast' (torch's bf16 int4 GEMM
+        for calls of at most INT4PACK_ROWS rows, decoding; the exact paths otherwise) on the CPU. Only 4-bit grouped
+        weights it packs take it (`int4pack_serves`); the others are exact in both modes."""
         return "fast" if self._fast else "exact"
 
     @cpu_kernels.setter
     def cpu_kernels(self, mode: str) -> None:
         if mode not in CPU_KERNEL_MODES:
             raise KernelError(f"unknown CPU kernel mode {mode!r}: use one of {', '.join(CPU_KERNEL_MODES)}")
-        self._fast = mode == "fast" and self.kernel.name in FAST_KERNELS
-        for layout in ("fast", "weight", "dense"):  # each mode keeps only its own layouts (memory)
-            self._prepared.pop(layout, None)
+        self._fast = mode == "fast" and self.kernel.name in FAST_KERNELS and int4pack_serves(self._packed)
+        self._prepared.pop("fast", None)
 
     def extra_repr(self) -> str:
         extra = ", pre_scale" if self.inv_pre_scale is not None else ""

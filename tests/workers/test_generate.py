@@ -44,7 +44,7 @@ def test_applied_plan_generates_with_the_fast_cpu_kernels(stories_hf: Path, tmp_
     assert set_cpu_kernels(net, "fast") == 35
     out = generate(net, ids, 8)
     layers = [m for m in net.modules() if isinstance(m, QuantLinear)]
-    packed = [m for m in layers if m._prepared["fast"][1].int4pack is not None]
+    packed = [m for m in layers if "fast" in m._prepared]
     assert packed and len(packed) < len(layers)  # stories260K's MLP (N = 172: not a multiple of 16) is not packed
     assert all(m.out_features % 16 == 0 for m in packed)
     assert torch.equal(out.tokens, exact.tokens) and model_bytes(net) < float_bytes

@@ -1,7 +1,7 @@
-"""The "fast" CPU kernels (bf16 products) of the W4A8 and W4A16 layers: torch's int4 weight-only GEMM for small M
-(decoding), a bf16 GEMM on the weight dequantized per call above. QuantLinear uses them when built (or set) with
-`cpu_kernels="fast"` (what `quantplan generate` runs); "exact" (the default, what evaluations measure) keeps the
-integer and fp32 torch paths.
+"""The "fast" CPU kernel (bf16 products) of the W4A8 and W4A16 layers: torch's int4 weight-only GEMM for small M
+(decoding). QuantLinear uses it when built (or set) with `cpu_kernels="fast"` (what `quantplan generate` runs), for
+the calls and weights it serves; "exact" (the default, what evaluations measure) keeps the integer and fp32 torch
+paths everywhere.
 
 torch ships the CPU int4 GEMM that torchao uses on the CPU: `aten._convert_weight_to_int4pack_for_cpu` packs
 unsigned 4-bit codes once, `aten._weight_int4pack_mm_for_cpu` multiplies bf16 activations by them, dequantizing
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quantplan.quant.packing import PackedWeight, centered_codes, unpack_codes, unpack_zeros
+from quantplan.quant.packing import PackedWeight, unpack_codes, unpack_zeros
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
-INT4PACK_ROWS = 16  # M up to this: the int4pack GEMM (docs/BENCHMARKS.md, "CPU kernels"); above: bf16 dequant
+INT4PACK_ROWS = 16  # M up to this: the int4pack GEMM (docs/BENCHMARKS.md, "CPU kernels"); above: the exact paths
 INT4PACK_RTOL = 2e-2  # relative to max |Y| (bf16 activations and scales: ~1e-3 typical, tested on odd shapes)
 
 
@@ -72,37 +72,22 @@ def int4pack_mm(x: torch.Tensor, w: Int4Pack) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.codes, w.group_size, w.scales_zeros).float()
 
 
-# -- "fast" CPU mode: bf16 products for every size (QuantLinear(cpu_kernels="fast")) ---------------------------
+# -- "fast" CPU mode (QuantLinear(cpu_kernels="fast")) ------------------------------------------------------
 CPU_KERNEL_MODES = ("exact", "fast")
-
-
-def dequantized_bf16(pw: PackedWeight, centered: torch.Tensor) -> torch.Tensor:
-    """W [N, K_pad] in bf16 from `centered` ((code - zero) as [N, K_pad] integers): the scales applied in bf16."""
-    n = pw.out_features
-    g = pw.k_pad if pw.per_channel else pw.group_size
-    scales = pw.scales.to(torch.bfloat16).t()[:, :, None]  # [N, G, 1]
-    out = torch.empty(n, pw.k_pad // g, g, dtype=torch.bfloat16)
-    torch.mul(centered.view(n, -1, g), scales, out=out)
-    return out.view(n, pw.k_pad)
 
 
 @dataclass(frozen=True)
 class FastCPU:
-    """A layer's bf16 CPU products: the int4pack GEMM up to INT4PACK_ROWS rows where it packs the weight (decoding),
-    above (or where it does not) the weight unpacked and dequantized to bf16 per call and one bf16 GEMM (AMX where
-    the CPU has it; the unpacking is amortized over the rows). Nothing but the int4pack layout is kept, so the
-    layer's memory stays its packed weight twice over at most. Within bf16 rounding of the exact paths."""
+    """A layer's fast CPU product: the int4pack GEMM for calls of at most INT4PACK_ROWS rows (decoding), where it
+    packs the weight (`int4pack_serves`); other calls and weights keep the exact torch path (a bf16 GEMM on the
+    weight dequantized per call measured 0.06-0.23x an fp32 GEMM from 64 rows on: the unpacking dominates)."""
 
-    pw: PackedWeight
-    int4pack: Int4Pack | None
+    int4pack: Int4Pack
 
     @classmethod
     def build(cls, pw: PackedWeight) -> FastCPU:
-        return cls(pw, prepare_int4pack(pw) if int4pack_serves(pw) else None)
+        return cls(prepare_int4pack(pw))
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 [M, N] = x [M, K] @ W^T (x fp32/fp16, or int8 codes given as float)."""
-        if self.int4pack is not None and x.shape[0] <= INT4PACK_ROWS:
-            return int4pack_mm(x, self.int4pack)
-        xb = F.pad(x, (0, self.pw.k_pad - x.shape[1])).to(torch.bfloat16)
-        return (xb @ dequantized_bf16(self.pw, centered_codes(self.pw)).t()).float()
+        return int4pack_mm(x, self.int4pack)

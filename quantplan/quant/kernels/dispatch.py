@@ -131,9 +131,9 @@ def quantized_linear(
     strategies whose codes carry an offset: `weight_row_sums(pw)`) are what a caller such as QuantLinear keeps
     from one call to the next; without them they are worked out here. `act_params` are the strategy's calibrated
     tensors (`act_scale` is the static scale of the built-in strategies). `fast` (`FastCPU.build(pw)`): the torch
-    backend computes the product in bf16 (`quant.kernels.cpu`: torch's int4 GEMM for few rows, a bf16 GEMM
-    above) instead of the exact torch path. `dense` (`w4a8.dense_weight(pw)`, W4A8 on the torch backend): the
-    dequantized weight its float GEMM multiplies, kept by the caller instead of rebuilt per call.
+    backend computes the product with torch's bf16 int4 GEMM (`quant.kernels.cpu`) instead of the exact path.
+    `dense` (`w4a8.dense_weight(pw)`, W4A8 on the torch backend): the dequantized weight its float GEMM
+    multiplies, kept by the caller instead of rebuilt per call.
     """
     kernel = kernel or select_kernel(LayerScheme(pw.scheme, act))
     chosen = resolve_backend(x.device, backend)

@@ -143,7 +143,7 @@ class QuantLinear(nn.Module):
             act_params=self.act_params,
             row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
             fast=self._cached("fast", FastCPU.build) if fast else None,
-            dense=self._dense(x) if on_torch and not fast else None,
+            dense=self._dense(x) if on_torch and not self._fast else None,  # fast mode keeps no fp32 copy
         )
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -258,6 +258,8 @@ def main() -> None:
                    "unquantized model on the test windows (by default measured afresh, in its own stage)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     args = p.parse_args()
+    if args.kl_windows < 0:  # before the half-hour job, not at its end
+        p.error(f"--kl-windows must be >= 0 (0: the KL on every test window), got {args.kl_windows}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from quantplan.workers.real_model import fetch_smollm2

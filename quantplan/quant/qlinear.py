@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantplan.quant.act_handlers import ActParams, act_handler
-from quantplan.quant.kernels.cpu import CPU_KERNEL_MODES, INT4PACK_ROWS, FastCPU, int4pack_serves
+from quantplan.quant.kernels.cpu import CPU_KERNEL_MODES, INT4PACK_ROWS, int4pack_serves, prepare_int4pack
 from quantplan.quant.kernels.dispatch import Kernel, quantized_linear, select_kernel, weight_row_sums
 from quantplan.quant.kernels.runtime import KernelError, resolve_backend
 from quantplan.quant.kernels.w4a8 import dense_weight, uses_dense
@@ -142,7 +142,7 @@ class QuantLinear(nn.Module):
             kernel=self.kernel,
             act_params=self.act_params,
             row_sums=self._cached("row_sums", weight_row_sums) if self.handler.offsets else None,
-            fast=self._cached("fast", FastCPU.build) if fast else None,
+            int4pack=self._cached("int4pack", prepare_int4pack) if fast else None,
             dense=self._dense(x) if on_torch and not self._fast else None,  # fast mode keeps no fp32 copy
         )
 
@@ -166,7 +166,7 @@ class QuantLinear(nn.Module):
         if mode not in CPU_KERNEL_MODES:
             raise KernelError(f"unknown CPU kernel mode {mode!r}: use one of {', '.join(CPU_KERNEL_MODES)}")
         self._fast = mode == "fast" and self.kernel.name in FAST_KERNELS and int4pack_serves(self._packed)
-        self._prepared.pop("fast", None)
+        self._prepared.pop("int4pack", None)
 
     def extra_repr(self) -> str:
         extra = ", pre_scale" if self.inv_pre_scale is not None else ""

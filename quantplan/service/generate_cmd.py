@@ -36,12 +36,13 @@ def generate_command(
     import torch
 
     from quantplan.quant.artifact import load_quantized, read_manifest
+    from quantplan.quant.kernels.cpu import CPU_KERNEL_MODES
     from quantplan.quant.qlinear import set_cpu_kernels
     from quantplan.workers.generate import generate, model_bytes
     from quantplan.workers.models import load_model
 
-    if cpu_kernels not in ("exact", "fast"):
-        raise GenerateError(f"unknown --cpu-kernels {cpu_kernels!r}: use fast or exact")
+    if cpu_kernels not in CPU_KERNEL_MODES:  # before the model loads
+        raise GenerateError(f"unknown --cpu-kernels {cpu_kernels!r}: use one of {', '.join(CPU_KERNEL_MODES)}")
     if threads is not None:
         torch.set_num_threads(threads)
     if artifact is not None:

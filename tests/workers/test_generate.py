@@ -44,7 +44,7 @@ def test_applied_plan_generates_with_the_fast_cpu_kernels(stories_hf: Path, tmp_
     assert set_cpu_kernels(net, "fast") == 35
     out = generate(net, ids, 8)
     layers = [m for m in net.modules() if isinstance(m, QuantLinear)]
-    packed = [m for m in layers if "fast" in m._prepared]
+    packed = [m for m in layers if "int4pack" in m._prepared]
     assert packed and len(packed) < len(layers)  # stories260K's MLP (N = 172: not a multiple of 16) is not packed
     assert all(m.out_features % 16 == 0 for m in packed)
     assert torch.equal(out.tokens, exact.tokens) and model_bytes(net) < float_bytes
@@ -61,3 +61,5 @@ def test_generate_command(capsys, stories_hf: Path, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "generate", "--model", str(stories_hf), "--prompt", PROMPT, "--artifact",
                            str(tmp_path / "nothing"))
     assert code != 0 and "error:" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "generate", "--model", str(stories_hf), "--prompt", PROMPT, "--cpu-kernels", "quick")
+    assert code != 0 and "unknown --cpu-kernels 'quick'" in err and "Traceback" not in err

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from quantplan.quant.packing import PackedWeight, unpack_codes, unpack_zeros
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
-INT4PACK_ROWS = 16  # M up to this: the int4pack GEMM (docs/BENCHMARKS.md, "CPU kernels"); above: the exact paths
+# M up to this: the int4pack GEMM; above, the exact paths (a bf16 GEMM on the weight dequantized per call measured
+# 0.06-0.23x an fp32 GEMM from 64 rows on: the unpacking dominates; docs/BENCHMARKS.md, "CPU kernels")
+INT4PACK_ROWS = 16
 INT4PACK_RTOL = 2e-2  # relative to max |Y| (bf16 activations and scales: ~1e-3 typical, tested on odd shapes)
 
 
@@ -72,22 +74,4 @@ def int4pack_mm(x: torch.Tensor, w: Int4Pack) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.codes, w.group_size, w.scales_zeros).float()
 
 
-# -- "fast" CPU mode (QuantLinear(cpu_kernels="fast")) ------------------------------------------------------
-CPU_KERNEL_MODES = ("exact", "fast")
-
-
-@dataclass(frozen=True)
-class FastCPU:
-    """A layer's fast CPU product: the int4pack GEMM for calls of at most INT4PACK_ROWS rows (decoding), where it
-    packs the weight (`int4pack_serves`); other calls and weights keep the exact torch path (a bf16 GEMM on the
-    weight dequantized per call measured 0.06-0.23x an fp32 GEMM from 64 rows on: the unpacking dominates)."""
-
-    int4pack: Int4Pack
-
-    @classmethod
-    def build(cls, pw: PackedWeight) -> FastCPU:
-        return cls(prepare_int4pack(pw))
-
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 [M, N] = x [M, K] @ W^T (x fp32/fp16, or int8 codes given as float)."""
-        return int4pack_mm(x, self.int4pack)
+CPU_KERNEL_MODES = ("exact", "fast")  # QuantLinear.cpu_kernels: "fast" runs `int4pack_mm` where it serves

@@ -20,7 +20,7 @@ import torch
 
 from quantplan.quant.act_handlers import ActParams, act_handler
 from quantplan.quant.kernels import w4a8, w4a16, w8a8
-from quantplan.quant.kernels.cpu import FastCPU
+from quantplan.quant.kernels.cpu import Int4Pack, int4pack_mm
 from quantplan.quant.kernels.runtime import KernelInputError, UnsupportedSchemeError, resolve_backend
 from quantplan.quant.kernels.served import Served, served
 from quantplan.quant.packing import PackedWeight, unpack_weight
@@ -91,13 +91,13 @@ def quantize_activations(
     return act_handler(act).quantize(x, _static_params(act_scale), inv_pre_scale, backend)[:2]
 
 
-def _fast_run(fast: FastCPU, int8_activations: bool, x: torch.Tensor, *args: object) -> torch.Tensor:
+def _int4pack_run(packed: Int4Pack, int8_activations: bool, x: torch.Tensor, *args: object) -> torch.Tensor:
     """The bf16 CPU product with a kernel's torch-path signature: (x, pw, bias, out_dtype) for 16-bit activations,
     (x_q, x_scale, pw, bias, out_dtype) for int8 codes (exact in bf16) and their scales."""
     x_scale = args[0] if int8_activations else None
     bias, out_dtype = args[-2:]
     assert isinstance(out_dtype, torch.dtype) and (bias is None or isinstance(bias, torch.Tensor))
-    y = fast.mm(x if x_scale is None else x.float())
+    y = int4pack_mm(x if x_scale is None else x.float(), packed)
     if isinstance(x_scale, torch.Tensor):
         y = y * (x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale)
     return (y if bias is None else y + bias.float()).to(out_dtype)
@@ -122,7 +122,7 @@ def quantized_linear(
     kernel: Kernel | None = None,
     act_params: ActParams | None = None,
     row_sums: torch.Tensor | None = None,
-    fast: FastCPU | None = None,
+    int4pack: Int4Pack | None = None,
     dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y [..., N] = Q_a(x * inv_pre_scale) @ W^T + bias for x [..., K], in `out_dtype` (default: x's dtype).
@@ -130,7 +130,7 @@ def quantized_linear(
     `prepared` (the kernel's `prepare(pw)`), `kernel` (`select_kernel` of the scheme) and `row_sums` (for
     strategies whose codes carry an offset: `weight_row_sums(pw)`) are what a caller such as QuantLinear keeps
     from one call to the next; without them they are worked out here. `act_params` are the strategy's calibrated
-    tensors (`act_scale` is the static scale of the built-in strategies). `fast` (`FastCPU.build(pw)`): the torch
+    tensors (`act_scale` is the static scale of the built-in strategies). `int4pack` (`prepare_int4pack(pw)`): the torch
     backend computes the product with torch's bf16 int4 GEMM (`quant.kernels.cpu`) instead of the exact path.
     `dense` (`w4a8.dense_weight(pw)`, W4A8 on the torch backend): the dequantized weight its float GEMM
     multiplies, kept by the caller instead of rebuilt per call.
@@ -145,8 +145,8 @@ def quantized_linear(
     if chosen == "torch" and dense is not None:
         extra["dense"] = dense
     run = kernel.triton if chosen == "triton" else kernel.torch
-    if fast is not None and chosen == "torch":
-        run, extra = partial(_fast_run, fast, kernel.int8_activations), {}
+    if int4pack is not None and chosen == "torch":
+        run, extra = partial(_int4pack_run, int4pack, kernel.int8_activations), {}
     if not kernel.int8_activations:
         y = run(x2 if inv_pre_scale is None else x2 * inv_pre_scale, pw, bias, out_dtype, **extra)
         return y.reshape(*x.shape[:-1], pw.out_features)
